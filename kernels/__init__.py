@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers, installed as ``vitkern.kernels`` (no autograd, no modules here)."""

@@ -1,0 +1,1 @@
+"""Drop-in modules running on vitkern ops."""
