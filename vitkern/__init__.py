@@ -1,8 +1,8 @@
 """vitkern: fused GPU kernels for vision-transformer-family models."""
 
 from vitkern._backend import available_backends, backend, current_backend
-from vitkern import nn, ops, reference
+from vitkern import models, nn, ops, reference
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "backend", "current_backend", "nn", "ops", "reference", "__version__"]
+__all__ = ["available_backends", "backend", "current_backend", "models", "nn", "ops", "reference", "__version__"]

@@ -1,1 +1,5 @@
 """Drop-in modules running on vitkern ops."""
+
+from vitkern.nn.depthwise_conv import DepthwiseConv2d
+
+__all__ = ["DepthwiseConv2d"]
