@@ -45,3 +45,8 @@ def create_model(name: str, num_classes: int = 1000, img_size: int | None = None
     if img_size is not None:
         kwargs["img_size"] = img_size
     return _REGISTRY[name](num_classes=num_classes, **kwargs)
+
+
+from vitkern.models.deit import DistillationLoss  # noqa: E402  (deit.py imports register_model from above)
+
+__all__ = ["DistillationLoss", "FAMILIES", "create_model", "list_models", "register_model"]

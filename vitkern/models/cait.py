@@ -1,0 +1,186 @@
+"""CaiT: Going deeper with image transformers (Touvron et al. 2021, arXiv:2103.17239).
+
+Patch tokens go through ``depth`` self-attention blocks without a class token; the class token joins only in the
+last ``depth_token_only`` (2) class-attention blocks, where it alone is the query and the patches stay fixed. Every
+residual branch is scaled per channel by LayerScale. Parameter counts of the named configurations (CaiT paper,
+facebookresearch/deit ``cait_models.py``): XXS-24 12.0M, XXS-36 17.3M, S-24 46.9M.
+
+The self-attention blocks use talking-heads attention as in the paper: the heads' scores are mixed by a learned
+H x H projection before the softmax and the weights again after it, so this attention cannot run through
+``F.scaled_dot_product_attention`` and is plain PyTorch on every backend. Class attention is plain softmax
+attention of one query and uses SDPA off the ``eager`` backend.
+
+Departures from the seed (vit-pytorch's ``CaiT``), following the paper: talking-heads attention (the seed has plain
+attention); LayerScale's initial value depends on the network's total depth (0.1 up to 18 blocks, 1e-5 up to 24,
+1e-6 beyond; the seed applies that rule to each block's index instead); class-attention blocks update only the
+class token (the seed's ``context`` form, kept here as ``CrossAttention(..., kv_include_self=True)``); qkv biases
+and LayerNorm eps 1e-6 as in the paper's code; the head reads the class token after a final LayerNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vitkern.models import register_model
+from vitkern.models._layers import (
+    INIT_STD,
+    Attention,
+    Block,
+    ClassTokenModel,
+    CrossAttention,
+    DropPath,
+    LayerScale,
+    Mlp,
+    PatchEmbed,
+    drop_path_rates,
+    init_weights,
+    layer_norm,
+    make_head,
+)
+
+
+def layer_scale_init(depth: int) -> float:
+    """The paper's LayerScale initialisation for a network of ``depth`` blocks (section 2)."""
+    if depth <= 18:
+        return 0.1
+    if depth <= 24:
+        return 1e-5
+    return 1e-6
+
+
+class TalkingHeadAttention(Attention):
+    """Talking-heads self-attention (Shazeer et al. 2020): scores mixed across heads by ``proj_l`` before the
+    softmax, weights mixed by ``proj_w`` after it. x: (B, N, dim) -> (B, N, dim). Plain PyTorch on every backend."""
+
+    def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        self.proj_l = nn.Linear(num_heads, num_heads)
+        self.proj_w = nn.Linear(num_heads, num_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        attn = torch.matmul(q * self.scale, k.transpose(-1, -2))
+        attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(dim=-1)
+        attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        attn = F.dropout(attn, self.attn_drop, self.training)
+        return self.project(torch.matmul(attn, v))
+
+
+class ClassAttentionBlock(nn.Module):
+    """Class-attention block: the class token attends to itself and the patches, then goes through the Mlp; the
+    patches are left unchanged. cls: (B, 1, dim), x: (B, N, dim) -> (B, 1, dim)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        init_values: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.norm1 = layer_norm(dim)
+        self.attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.ls1 = LayerScale(dim, init_values)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = layer_norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.ls2 = LayerScale(dim, init_values)
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, cls: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        attended = self.attn(self.norm1(cls), context=self.norm1(x), kv_include_self=True)
+        cls = cls + self.drop_path1(self.ls1(attended))
+        return cls + self.drop_path2(self.ls2(self.mlp(self.norm2(cls))))
+
+
+class CaiT(ClassTokenModel):
+    """Class-attention image transformer. Input (B, in_chans, img_size, img_size) -> logits (B, num_classes)."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 192,
+        depth: int = 24,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        depth_token_only: int = 2,
+        init_values: float | None = None,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        init_values = layer_scale_init(depth) if init_values is None else init_values
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.to_patch_embedding = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.pos_embedding = nn.Parameter(torch.zeros(1, self.to_patch_embedding.num_patches, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.dropout = nn.Dropout(drop_rate)
+        self.patch_transformer = nn.Sequential(
+            *(
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=rate,
+                    init_values=init_values,
+                    norm_layer=layer_norm,
+                    attn_layer=TalkingHeadAttention,
+                )
+                for rate in drop_path_rates(drop_path_rate, depth)
+            )
+        )
+        self.cls_transformer = nn.ModuleList(
+            ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, init_values=init_values)
+            for _ in range(depth_token_only)
+        )
+        self.norm = layer_norm(embed_dim)
+        self.mlp_head = make_head(embed_dim, num_classes)
+        nn.init.trunc_normal_(self.pos_embedding, std=INIT_STD)
+        nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
+        self.apply(init_weights)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, 1 + patches, embed_dim) normalised tokens, the class token first."""
+        x = self.dropout(self.to_patch_embedding(x) + self.pos_embedding)
+        x = self.patch_transformer(x)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        for block in self.cls_transformer:
+            cls = block(cls, x)
+        return self.norm(torch.cat((cls, x), dim=1))
+
+
+
+@register_model
+def cait_xxs24_224(num_classes: int = 1000, **kwargs) -> CaiT:
+    """CaiT-XXS-24: 192 wide, 24 + 2 blocks of 4 heads (12.0M parameters in the paper)."""
+    config = dict(patch_size=16, embed_dim=192, depth=24, num_heads=4)
+    return CaiT(num_classes=num_classes, **{**config, **kwargs})
+
+
+@register_model
+def cait_xxs36_224(num_classes: int = 1000, **kwargs) -> CaiT:
+    """CaiT-XXS-36: 192 wide, 36 + 2 blocks of 4 heads (17.3M parameters in the paper)."""
+    config = dict(patch_size=16, embed_dim=192, depth=36, num_heads=4)
+    return CaiT(num_classes=num_classes, **{**config, **kwargs})
+
+
+@register_model
+def cait_s24_224(num_classes: int = 1000, **kwargs) -> CaiT:
+    """CaiT-S-24: 384 wide, 24 + 2 blocks of 8 heads (46.9M parameters in the paper)."""
+    config = dict(patch_size=16, embed_dim=384, depth=24, num_heads=8)
+    return CaiT(num_classes=num_classes, **{**config, **kwargs})

@@ -1,0 +1,220 @@
+"""T2T-ViT: Tokens-to-Token ViT (Yuan et al. 2021, arXiv:2101.11986).
+
+The Tokens-to-Token module turns the image into tokens progressively: a soft split (``nn.Unfold``, overlapping
+7x7/4, then 3x3/2 twice) concatenates neighbouring tokens, and a one-head token transformer between the splits
+re-structures them and shrinks their width to ``token_dim`` (64). A ViT backbone with a class token and a fixed
+sinusoidal position table follows. Parameter counts of the named configurations (T2T-ViT paper and the official
+github.com/yitu-opensource/T2T-ViT README): T2T-ViT-7 4.3M, -10 5.9M, -12 6.9M, -14 21.5M, -19 39.2M, -24 64.1M.
+
+Departures from the seed (vit-pytorch's ``T2TViT``), following the paper: the token transformers narrow the
+concatenated tokens to ``token_dim`` (the seed keeps their full width, 3 * 7^2 * 3^2 * 3^2 = 11907 for the
+default split, far from the paper's model); the attention output is added to the values (the input is wider than the
+output, so the residual goes through v); the position embedding is the paper's fixed sinusoid table (a buffer, not
+a parameter); qkv projections have no bias. The token mixers here are the paper's transformer layers (the
+``T2T-ViT_t`` form) for every configuration: the paper's default T2T-ViT-N configurations use a Performer
+approximation of the same layer, whose parameters differ only by the qkv biases (384 parameters) and whose
+random features are not parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from vitkern.models import register_model
+from vitkern.models._layers import (
+    INIT_STD,
+    Block,
+    ClassTokenModel,
+    Mlp,
+    check_image_size,
+    drop_path_rates,
+    init_weights,
+    make_head,
+    scaled_dot_product,
+    to_pair,
+)
+
+TOKEN_DIM = 64
+T2T_LAYERS = ((7, 4), (3, 2), (3, 2))
+SINUSOID_BASE = 10000.0
+
+
+def conv_output_size(image_size: int, kernel_size: int, stride: int, padding: int) -> int:
+    """Side of the token grid after an unfold (the seed's helper)."""
+    return (image_size - kernel_size + 2 * padding) // stride + 1
+
+
+def sinusoid_table(n_position: int, dim: int) -> torch.Tensor:
+    """The transformer's fixed sinusoidal position table, (1, n_position, dim): sin on even channels, cos on odd."""
+    position = torch.arange(n_position, dtype=torch.float64)[:, None]
+    exponent = 2 * (torch.arange(dim) // 2) / dim
+    angles = position / torch.pow(SINUSOID_BASE, exponent.double())[None, :]
+    table = torch.where(torch.arange(dim) % 2 == 0, torch.sin(angles), torch.cos(angles))
+    return table.float().unsqueeze(0)
+
+
+class TokenAttention(nn.Module):
+    """One-head attention that narrows tokens from ``dim`` to ``in_dim``, the residual taken through the values.
+
+    x: (B, N, dim) -> (B, N, in_dim). The scale is dim ** -0.5 (the input width) as in the paper's code.
+    """
+
+    def __init__(self, dim: int, in_dim: int, qkv_bias: bool = False, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.scale = dim**-0.5
+        self.attn_drop = attn_drop
+        self.to_qkv = nn.Linear(dim, in_dim * 3, bias=qkv_bias)
+        self.to_out = nn.Linear(in_dim, in_dim)
+        self.out_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unsqueeze(1) for t in self.to_qkv(x).chunk(3, dim=-1))
+        out = scaled_dot_product(q, k, v, self.scale, self.attn_drop if self.training else 0.0).squeeze(1)
+        return v.squeeze(1) + self.out_drop(self.to_out(out))
+
+
+class TokenTransformer(nn.Module):
+    """The T2T module's transformer layer: TokenAttention, then a residual Mlp at width ``in_dim``.
+
+    x: (B, N, dim) -> (B, N, in_dim).
+    """
+
+    def __init__(
+        self, dim: int, in_dim: int, mlp_ratio: float = 1.0, drop: float = 0.0, attn_drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = TokenAttention(dim, in_dim, attn_drop=attn_drop, proj_drop=drop)
+        self.norm2 = nn.LayerNorm(in_dim)
+        self.mlp = Mlp(in_dim, int(in_dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TokensToToken(nn.Module):
+    """Soft splits and token transformers: (B, in_chans, *img_size) -> (B, grid * grid, embed_dim)."""
+
+    def __init__(self, img_size: int, in_chans: int, embed_dim: int, token_dim: int = TOKEN_DIM,
+                 t2t_layers: tuple[tuple[int, int], ...] = T2T_LAYERS) -> None:
+        super().__init__()
+        self.img_size = to_pair("img_size", img_size)
+        if self.img_size[0] != self.img_size[1]:
+            raise ValueError(f"img_size: expected a square image size, got {self.img_size}")
+        self.soft_splits = nn.ModuleList()
+        self.transformers = nn.ModuleList()
+        self.grid_sizes: list[int] = []
+        size, width = self.img_size[0], in_chans
+        for i, (kernel_size, stride) in enumerate(t2t_layers):
+            if i > 0:
+                self.transformers.append(TokenTransformer(width, token_dim))
+                width = token_dim
+            self.soft_splits.append(nn.Unfold(kernel_size=kernel_size, stride=stride, padding=stride // 2))
+            size = conv_output_size(size, kernel_size, stride, stride // 2)
+            if size < 1:
+                raise ValueError(f"img_size: {self.img_size[0]} is too small for the soft splits {t2t_layers}")
+            self.grid_sizes.append(size)
+            width *= kernel_size**2
+        self.num_patches = size * size
+        self.project = nn.Linear(width, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_size(x, self.img_size)
+        x = self.soft_splits[0](x).transpose(1, 2)
+        for split, transformer, grid in zip(self.soft_splits[1:], self.transformers, self.grid_sizes):
+            x = transformer(x)
+            x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid, grid)
+            x = split(x).transpose(1, 2)
+        return self.project(x)
+
+
+class T2TViT(ClassTokenModel):
+    """Tokens-to-Token ViT. Input (B, in_chans, img_size, img_size) -> logits (B, num_classes)."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 384,
+        depth: int = 14,
+        num_heads: int = 6,
+        mlp_ratio: float = 3.0,
+        qkv_bias: bool = False,
+        token_dim: int = TOKEN_DIM,
+        t2t_layers: tuple[tuple[int, int], ...] = T2T_LAYERS,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.to_patch_embedding = TokensToToken(img_size, in_chans, embed_dim, token_dim, t2t_layers)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer(
+            "pos_embedding", sinusoid_table(self.to_patch_embedding.num_patches + 1, embed_dim), persistent=False
+        )
+        self.dropout = nn.Dropout(drop_rate)
+        self.blocks = nn.Sequential(
+            *(
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                      drop_path=rate)
+                for rate in drop_path_rates(drop_path_rate, depth)
+            )
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+        self.mlp_head = make_head(embed_dim, num_classes)
+        nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
+        self.apply(init_weights)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, 1 + patches, embed_dim) normalised tokens."""
+        x = self.to_patch_embedding(x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embedding
+        return self.norm(self.blocks(self.dropout(x)))
+
+
+
+def _t2t(num_classes: int, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, kwargs: dict) -> T2TViT:
+    config = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+    return T2TViT(num_classes=num_classes, **{**config, **kwargs})
+
+
+@register_model
+def t2t_vit_7(num_classes: int = 1000, **kwargs) -> T2TViT:
+    """T2T-ViT-7: 256 wide, 7 blocks of 4 heads, MLP ratio 2 (4.3M parameters in the paper)."""
+    return _t2t(num_classes, 256, 7, 4, 2.0, kwargs)
+
+
+@register_model
+def t2t_vit_10(num_classes: int = 1000, **kwargs) -> T2TViT:
+    """T2T-ViT-10: 256 wide, 10 blocks of 4 heads, MLP ratio 2 (5.9M parameters in the paper)."""
+    return _t2t(num_classes, 256, 10, 4, 2.0, kwargs)
+
+
+@register_model
+def t2t_vit_12(num_classes: int = 1000, **kwargs) -> T2TViT:
+    """T2T-ViT-12: 256 wide, 12 blocks of 4 heads, MLP ratio 2 (6.9M parameters in the paper)."""
+    return _t2t(num_classes, 256, 12, 4, 2.0, kwargs)
+
+
+@register_model
+def t2t_vit_14(num_classes: int = 1000, **kwargs) -> T2TViT:
+    """T2T-ViT-14: 384 wide, 14 blocks of 6 heads, MLP ratio 3 (21.5M parameters in the paper)."""
+    return _t2t(num_classes, 384, 14, 6, 3.0, kwargs)
+
+
+@register_model
+def t2t_vit_19(num_classes: int = 1000, **kwargs) -> T2TViT:
+    """T2T-ViT-19: 448 wide, 19 blocks of 7 heads, MLP ratio 3 (39.2M parameters in the paper)."""
+    return _t2t(num_classes, 448, 19, 7, 3.0, kwargs)
+
+
+@register_model
+def t2t_vit_24(num_classes: int = 1000, **kwargs) -> T2TViT:
+    """T2T-ViT-24: 512 wide, 24 blocks of 8 heads, MLP ratio 3 (64.1M parameters in the paper)."""
+    return _t2t(num_classes, 512, 24, 8, 3.0, kwargs)
