@@ -32,8 +32,9 @@ from vitkern._backend import resolve
 from vitkern.ops._checks import check_like, check_scale, check_tensor, pair
 
 BIAS_NONE, BIAS_REL_POS, BIAS_LEVIT, BIAS_DENSE = 0, 1, 2, 3
-# CPU path: with a float mask, SDPA's CPU kernel beats matmul-softmax from this head dim up (2 cores: 2.7x slower
-# at LeViT's 16, 1.4x faster at CoAtNet's 32).
+# CPU path: with a float mask, SDPA's CPU kernel can beat matmul-softmax from this head dim up, in the forward pass
+# and when v's head dim equals q's (2 shared cores: with LeViT's value dim 2x or 4x the key dim SDPA's forward was
+# 1.1-2.2x slower at key dims 16 and 32; forward+backward it took 0.8-1.8x the matmul-softmax time).
 CPU_SDPA_MIN_HEAD_DIM = 32
 
 
@@ -181,9 +182,10 @@ def biased_attention(
 
 
 def _cpu_attention(q, k, v, bias, scale):
-    """The ``auto`` path on CPU tensors for finite (gathered) biases: SDPA from CPU_SDPA_MIN_HEAD_DIM up,
-    matmul-softmax below."""
-    if q.shape[-1] >= CPU_SDPA_MIN_HEAD_DIM:
+    """The ``auto`` path on CPU tensors for finite (gathered) biases: SDPA from CPU_SDPA_MIN_HEAD_DIM up when
+    v's head dim equals q's and no gradient is needed, matmul-softmax otherwise."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
+    if q.shape[-1] >= CPU_SDPA_MIN_HEAD_DIM and v.shape[-1] == q.shape[-1] and not needs_grad:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
     return reference.biased_attention(q, k, v, bias.unsqueeze(0), scale)
 
