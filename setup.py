@@ -21,7 +21,10 @@ ROOT = Path(__file__).parent.resolve()
 CSRC = "csrc"
 KERNEL_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC).glob("*.cu"))
 REGISTRATION = f"{CSRC}/ops.cpp"
-EMULATION_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC / "emulation").glob("*.cpp"))
+# csrc/emulation/*_main.cpp are standalone test drivers (tests/test_cuda_emulation.py), not part of the module.
+EMULATION_SOURCES = sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / CSRC / "emulation").glob("*.cpp") if not p.name.endswith("_main.cpp")
+)
 
 
 def _flag(name: str) -> bool:
@@ -46,7 +49,7 @@ def _extensions() -> tuple[list, dict]:
     except ImportError:
         return [], {}
     extensions = []
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]
     if not _flag("VITKERN_SKIP_CUDA_BUILD") and torch.version.cuda is not None and cpp_extension.CUDA_HOME:
         extensions.append(
             cpp_extension.CUDAExtension(
@@ -56,7 +59,7 @@ def _extensions() -> tuple[list, dict]:
                 define_macros=[("VITKERN_OP_NAMESPACE", "vitkern_cuda")],
                 extra_compile_args={
                     "cxx": cxx_flags,
-                    "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *_cuda_arch_flags()],
+                    "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", *_cuda_arch_flags()],
                 },
             )
         )

@@ -1,0 +1,383 @@
+// Standalone checks of the emulation runtime and of the depthwise-convolution kernels (float), without torch.
+// tests/test_cuda_emulation.py builds it with g++ (plain, and with -fsanitize=thread) and runs one mode:
+//
+//   selftest barrier | shared | dynamic_shared | grid | shuffle | atomic   runtime semantics
+//   selftest conv                                                         kernels against naive loops
+//   selftest race                                                         a kernel missing a __syncthreads()
+//   selftest overflow                                                     a kernel writing past its shared memory
+//
+// Prints "<mode> ok" and exits 0 on success; prints what differs and exits 1 otherwise.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "depthwise_conv_kernels.cuh"
+
+namespace {
+
+using vitkern::launch;
+namespace dw = vitkern::dwconv;
+
+bool report(bool ok, const char* what) {
+  if (!ok) {
+    std::printf("FAILED: %s\n", what);
+  }
+  return ok;
+}
+
+// --- runtime ------------------------------------------------------------------------------------------------------
+
+constexpr int kPhases = 64;
+
+// Each phase every thread writes its slot, then reads its neighbour's: wrong without a working barrier.
+__global__ void barrier_kernel(int* errors) {
+  __shared__ int slots[128];
+  const int tid = threadIdx.x;
+  for (int phase = 0; phase < kPhases; ++phase) {
+    slots[tid] = phase * 1000 + tid;
+    __syncthreads();
+    const int neighbour = (tid + 1) % blockDim.x;
+    if (slots[neighbour] != phase * 1000 + neighbour) {
+      atomicAdd(errors, 1);
+    }
+    __syncthreads();
+  }
+}
+
+// A block sums its threads' values through static shared memory; every block writes its own total.
+__global__ void shared_kernel(int* totals) {
+  __shared__ int values[64];
+  values[threadIdx.x] = static_cast<int>(blockIdx.x) * 100 + static_cast<int>(threadIdx.x);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int total = 0;
+    for (unsigned int i = 0; i < blockDim.x; ++i) {
+      total += values[i];
+    }
+    totals[blockIdx.x] = total;
+  }
+  __syncthreads();
+}
+
+// Dynamic shared memory: a reversal through the launch's buffer.
+__global__ void dynamic_shared_kernel(const float* in, float* out) {
+  VITKERN_DYNAMIC_SHARED(float, buffer);
+  const int n = blockDim.x;
+  buffer[threadIdx.x] = in[blockIdx.x * n + threadIdx.x];
+  __syncthreads();
+  out[blockIdx.x * n + threadIdx.x] = buffer[n - 1 - threadIdx.x];
+}
+
+// Every (block, thread) of a 3-D grid of 3-D blocks runs exactly once and sees consistent indices.
+__global__ void grid_kernel(int* hits) {
+  const unsigned int block = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+  const unsigned int thread = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+  atomicAdd(&hits[block * blockDim.x * blockDim.y * blockDim.z + thread], 1);
+}
+
+// Warp sums by butterfly (xor) and by tree (down), and a broadcast from lane 3.
+__global__ void shuffle_kernel(float* xor_sums, float* down_sums, int* broadcast) {
+  const int lane = threadIdx.x % warpSize;
+  float a = static_cast<float>(threadIdx.x);
+  float b = a;
+  for (int offset = warpSize / 2; offset > 0; offset /= 2) {
+    a += __shfl_xor_sync(0xffffffffu, a, offset);
+    b += __shfl_down_sync(0xffffffffu, b, offset);
+  }
+  xor_sums[threadIdx.x] = a;
+  if (lane == 0) {
+    down_sums[threadIdx.x / warpSize] = b;
+  }
+  broadcast[threadIdx.x] = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x), 3);
+}
+
+__global__ void atomic_kernel(int* counter, float* total) {
+  atomicAdd(counter, 1);
+  atomicAdd(total, 0.5f);
+}
+
+// Reads a neighbour's shared slot with no barrier in between: ThreadSanitizer must report the race.
+__global__ void racy_kernel(int* out) {
+  __shared__ int slots[64];
+  slots[threadIdx.x] = static_cast<int>(threadIdx.x);
+  out[threadIdx.x] = slots[(threadIdx.x + 1) % blockDim.x];
+}
+
+// Writes one element past the launch's dynamic shared memory: AddressSanitizer must report it.
+__global__ void overflow_kernel(int elements) {
+  VITKERN_DYNAMIC_SHARED(float, buffer);
+  buffer[threadIdx.x == 0 ? elements : threadIdx.x] = 1.0f;
+}
+
+bool run_barrier() {
+  int errors = 0;
+  launch(barrier_kernel, dim3(3), dim3(128), 0, nullptr, &errors);
+  return report(errors == 0, "neighbour reads across __syncthreads() saw stale values");
+}
+
+bool run_shared() {
+  constexpr int kBlocks = 5, kThreadsPerBlock = 64;
+  std::vector<int> totals(kBlocks, -1);
+  launch(shared_kernel, dim3(kBlocks), dim3(kThreadsPerBlock), 0, nullptr, totals.data());
+  bool ok = true;
+  for (int b = 0; b < kBlocks; ++b) {
+    ok &= totals[b] == b * 100 * kThreadsPerBlock + kThreadsPerBlock * (kThreadsPerBlock - 1) / 2;
+  }
+  return report(ok, "per-block shared-memory sums");
+}
+
+bool run_dynamic_shared() {
+  constexpr int kBlocks = 4, kThreadsPerBlock = 96;
+  std::vector<float> in(kBlocks * kThreadsPerBlock), out(in.size(), -1.0f);
+  for (std::size_t i = 0; i < in.size(); ++i) {
+    in[i] = static_cast<float>(i);
+  }
+  launch(dynamic_shared_kernel, dim3(kBlocks), dim3(kThreadsPerBlock), kThreadsPerBlock * sizeof(float), nullptr,
+         static_cast<const float*>(in.data()), out.data());
+  bool ok = true;
+  for (int b = 0; b < kBlocks; ++b) {
+    for (int t = 0; t < kThreadsPerBlock; ++t) {
+      ok &= out[b * kThreadsPerBlock + t] == in[b * kThreadsPerBlock + kThreadsPerBlock - 1 - t];
+    }
+  }
+  return report(ok, "reversal through dynamic shared memory");
+}
+
+bool run_grid() {
+  const dim3 grid(3, 2, 2), block(4, 3, 2);
+  std::vector<int> hits(3 * 2 * 2 * 4 * 3 * 2, 0);
+  launch(grid_kernel, grid, block, 0, nullptr, hits.data());
+  bool ok = true;
+  for (int h : hits) {
+    ok &= h == 1;
+  }
+  return report(ok, "every (block, thread) of a 3-D launch runs once");
+}
+
+bool run_shuffle() {
+  constexpr int kWarps = 3, kThreadsPerBlock = kWarps * 32;
+  std::vector<float> xor_sums(kThreadsPerBlock), down_sums(kWarps);
+  std::vector<int> broadcast(kThreadsPerBlock);
+  launch(shuffle_kernel, dim3(1), dim3(kThreadsPerBlock), 0, nullptr, xor_sums.data(), down_sums.data(),
+         broadcast.data());
+  bool ok = true;
+  for (int t = 0; t < kThreadsPerBlock; ++t) {
+    const int warp = t / 32;
+    const float expected = static_cast<float>(32 * warp * 32 + 31 * 32 / 2);
+    ok &= xor_sums[t] == expected;
+    ok &= broadcast[t] == warp * 32 + 3;
+    if (t % 32 == 0) {
+      ok &= down_sums[warp] == expected;
+    }
+  }
+  return report(ok, "warp sums by __shfl_xor_sync and __shfl_down_sync, broadcast by __shfl_sync");
+}
+
+bool run_atomic() {
+  int counter = 0;
+  float total = 0.0f;
+  launch(atomic_kernel, dim3(7), dim3(64), 0, nullptr, &counter, &total);
+  return report(counter == 7 * 64 && total == 0.5f * 7 * 64, "atomicAdd on int and float");
+}
+
+bool run_race() {
+  std::vector<int> out(64);
+  launch(racy_kernel, dim3(2), dim3(64), 0, nullptr, out.data());
+  return true;
+}
+
+bool run_overflow() {
+  constexpr int kElements = 64;
+  launch(overflow_kernel, dim3(1), dim3(kElements), kElements * sizeof(float), nullptr, kElements);
+  return true;
+}
+
+// --- depthwise convolution against naive loops -----------------------------------------------------------------
+
+struct Case {
+  int n, c, h, w, kh, kw, sh, sw, dh, dw, top, bottom, left, right;
+  bool channels_last;
+  int act;
+  bool epilogue;  // bias, scale, shift and residual
+};
+
+dw::Strides strides_of(int n, int c, int h, int w, bool channels_last) {
+  (void)n;
+  if (channels_last) {
+    return {static_cast<int64_t>(h) * w * c, 1, static_cast<int64_t>(w) * c, c};
+  }
+  return {static_cast<int64_t>(c) * h * w, static_cast<int64_t>(h) * w, w, 1};
+}
+
+double act_ref(double z, int act) {
+  if (act == dw::kGelu) {
+    return 0.5 * z * (1.0 + std::erf(z / std::sqrt(2.0)));
+  }
+  if (act == dw::kRelu) {
+    return z > 0 ? z : 0.0;
+  }
+  return z;
+}
+
+double act_grad_ref(double z, int act) {
+  if (act == dw::kGelu) {
+    return 0.5 * (1.0 + std::erf(z / std::sqrt(2.0))) + z * std::exp(-0.5 * z * z) / std::sqrt(2.0 * M_PI);
+  }
+  if (act == dw::kRelu) {
+    return z > 0 ? 1.0 : 0.0;
+  }
+  return 1.0;
+}
+
+bool close(const std::vector<float>& got, const std::vector<double>& want, const char* what, const Case& k) {
+  double worst = 0.0;
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    const double err = std::fabs(got[i] - want[i]) / (1.0 + std::fabs(want[i]));
+    worst = std::max(worst, std::isnan(err) ? 1e30 : err);
+  }
+  if (worst > 1e-4) {
+    std::printf("FAILED: %s (case %dx%dx%dx%d k%dx%d s%d,%d d%d,%d cl=%d act=%d): max rel error %.3e\n", what, k.n,
+                k.c, k.h, k.w, k.kh, k.kw, k.sh, k.sw, k.dh, k.dw, k.channels_last, k.act, worst);
+    return false;
+  }
+  return true;
+}
+
+bool run_case(const Case& k, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto random = [&](std::size_t count) {
+    std::vector<float> v(count);
+    for (auto& e : v) {
+      e = normal(rng);
+    }
+    return v;
+  };
+  dw::Geometry g{};
+  g.n = k.n, g.c = k.c, g.h = k.h, g.w = k.w;
+  g.kh = k.kh, g.kw = k.kw, g.sh = k.sh, g.sw = k.sw, g.dh = k.dh, g.dw = k.dw, g.pad_top = k.top;
+  g.pad_left = k.left;
+  g.oh = (k.h + k.top + k.bottom - k.dh * (k.kh - 1) - 1) / k.sh + 1;
+  g.ow = (k.w + k.left + k.right - k.dw * (k.kw - 1) - 1) / k.sw + 1;
+  const dw::Strides sx = strides_of(k.n, k.c, k.h, k.w, k.channels_last);
+  const dw::Strides sy = strides_of(k.n, k.c, g.oh, g.ow, k.channels_last);
+  const std::size_t in_count = static_cast<std::size_t>(k.n) * k.c * k.h * k.w;
+  const std::size_t out_count = static_cast<std::size_t>(k.n) * k.c * g.oh * g.ow;
+  const int taps = k.kh * k.kw;
+  const auto x = random(in_count), weight = random(static_cast<std::size_t>(k.c) * taps), bias = random(k.c),
+             scale = random(k.c), shift = random(k.c), residual = random(out_count), dy = random(out_count);
+  std::vector<float> y(out_count), z(out_count);
+  const float* ep = nullptr;
+  dw::launch_fwd<float, float>(x.data(), weight.data(), k.epilogue ? bias.data() : ep,
+                               k.epilogue ? scale.data() : ep, k.epilogue ? shift.data() : ep,
+                               k.epilogue ? residual.data() : ep, y.data(), z.data(), g, sx, sy, k.act, nullptr);
+
+  // Naive forward in double, and the backward from the kernel's own z (as the op's backward receives it).
+  std::vector<double> y_ref(out_count), z_ref(out_count), dx_ref(in_count, 0.0),
+      dw_ref(static_cast<std::size_t>(k.c) * taps, 0.0), sums_ref(static_cast<std::size_t>(k.c) * 3, 0.0);
+  for (int n = 0; n < k.n; ++n) {
+    for (int c = 0; c < k.c; ++c) {
+      for (int oh = 0; oh < g.oh; ++oh) {
+        for (int ow = 0; ow < g.ow; ++ow) {
+          const int64_t o = n * sy.n + c * sy.c + oh * sy.h + ow * sy.w;
+          const double grad_z = dy[o] * (k.epilogue ? scale[c] : 1.0) * act_grad_ref(z[o], k.act);
+          double acc = 0.0;
+          for (int i = 0; i < k.kh; ++i) {
+            for (int j = 0; j < k.kw; ++j) {
+              const int ih = oh * k.sh - k.top + i * k.dh, iw = ow * k.sw - k.left + j * k.dw;
+              if (ih < 0 || ih >= k.h || iw < 0 || iw >= k.w) {
+                continue;
+              }
+              const int64_t xi = n * sx.n + c * sx.c + ih * sx.h + iw * sx.w;
+              acc += static_cast<double>(x[xi]) * weight[c * taps + i * k.kw + j];
+              dx_ref[xi] += grad_z * weight[c * taps + i * k.kw + j];
+              dw_ref[c * taps + i * k.kw + j] += grad_z * x[xi];
+            }
+          }
+          z_ref[o] = acc + (k.epilogue ? bias[c] : 0.0);
+          y_ref[o] = act_ref(z_ref[o], k.act);
+          if (k.epilogue) {
+            y_ref[o] = y_ref[o] * scale[c] + shift[c] + residual[o];
+          }
+          sums_ref[c * 3 + 0] += grad_z;
+          sums_ref[c * 3 + 1] += dy[o] * act_ref(z[o], k.act);
+          sums_ref[c * 3 + 2] += dy[o];
+        }
+      }
+    }
+  }
+
+  const dw::GradSource<float, float> grad{dy.data(), k.act != dw::kNone || k.epilogue ? z.data() : nullptr,
+                                          k.epilogue ? scale.data() : nullptr, k.act};
+  std::vector<float> dx(in_count);
+  dw::launch_dx<float, float>(grad, weight.data(), dx.data(), g, sx, sy, nullptr);
+  const dw::DweightPlan plan = dw::plan_dweight<float, float>(x.data(), g, sx);
+  std::vector<float> partial_w(static_cast<std::size_t>(k.c) * plan.blocks_g * taps),
+      partial_sums(static_cast<std::size_t>(k.c) * plan.blocks_g * dw::kEpilogueSums),
+      dweight(static_cast<std::size_t>(k.c) * taps), sums(static_cast<std::size_t>(k.c) * dw::kEpilogueSums);
+  dw::launch_dweight<float, float>(plan, grad, x.data(), partial_w.data(), partial_sums.data(), dweight.data(),
+                                   sums.data(), g, sx, sy, nullptr);
+  bool ok = close(y, y_ref, "y", k) && close(z, z_ref, "z", k) && close(dx, dx_ref, "dx", k) &&
+            close(dweight, dw_ref, "dweight", k);
+  if (k.epilogue) {
+    ok = ok && close(sums, sums_ref, "dbias/dscale/dshift", k);
+  }
+  return ok;
+}
+
+bool run_conv() {
+  const Case cases[] = {
+      // n  c   h   w  kh  kw sh sw dh dw top bot left right  cl    act        epilogue
+      {2, 3, 9, 11, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false, dw::kGelu, true},
+      {1, 5, 10, 7, 7, 7, 2, 2, 1, 1, 3, 3, 3, 3, true, dw::kRelu, true},
+      {1, 2, 12, 13, 5, 3, 1, 1, 2, 2, 4, 4, 2, 2, false, dw::kNone, false},
+      {1, 8, 9, 9, 13, 13, 1, 1, 1, 1, 6, 6, 6, 6, true, dw::kGelu, true},
+      {1, 3, 11, 10, 4, 6, 2, 1, 2, 1, 3, 2, 3, 2, true, dw::kNone, true},
+      {1, 1, 8, 8, 63, 63, 1, 1, 2, 2, 62, 62, 62, 62, false, dw::kGelu, true},
+  };
+  std::mt19937 rng(1234);
+  bool ok = true;
+  for (const Case& k : cases) {
+    ok &= run_case(k, rng);
+  }
+  return ok;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::printf("usage: %s barrier|shared|dynamic_shared|grid|shuffle|atomic|conv|race|overflow\n", argv[0]);
+    return 2;
+  }
+  const std::string mode = argv[1];
+  bool ok;
+  if (mode == "barrier") {
+    ok = run_barrier();
+  } else if (mode == "shared") {
+    ok = run_shared();
+  } else if (mode == "dynamic_shared") {
+    ok = run_dynamic_shared();
+  } else if (mode == "grid") {
+    ok = run_grid();
+  } else if (mode == "shuffle") {
+    ok = run_shuffle();
+  } else if (mode == "atomic") {
+    ok = run_atomic();
+  } else if (mode == "conv") {
+    ok = run_conv();
+  } else if (mode == "race") {
+    ok = run_race();
+  } else if (mode == "overflow") {
+    ok = run_overflow();
+  } else {
+    std::printf("unknown mode %s\n", mode.c_str());
+    return 2;
+  }
+  if (ok) {
+    std::printf("%s ok\n", mode.c_str());
+  }
+  return ok ? 0 : 1;
+}
