@@ -1,0 +1,290 @@
+"""CoAtNet, ConvMixer, LeViT, CvT and PiT against their plain-PyTorch path.
+
+- Parameter counts of every named configuration against the papers' figures (written here, not computed).
+- The fused backends against ``eager`` (the plain-PyTorch layers and reference ops), same weights, output and the
+  gradient of every parameter, train and eval mode, fp32: "triton" (Triton under the interpreter) for every family,
+  "cuda" (the CUDA C++ kernels through the emulation build) for the families whose only kernel is the depthwise
+  convolution (ConvMixer, PiT, CvT; their attention is SDPA). Tolerance: rtol = 1e-4 and atol = 1e-4 times the
+  reference's largest magnitude (DESIGN.md's fp32 1e-4, relative to the tensor's scale). The paths differ by
+  summation order only: each fused op is within a few fp32 ulps (~1e-7 relative) of its reference, a tiny model
+  chains a dozen of them and the backward pass roughly doubles that, so errors stay near 1e-6 of the scale; a real
+  mistake (a wrong BatchNorm fold, a mis-indexed bias, a dropped residual) moves values by 1e-2 or more.
+- One optimisation step lowers the loss; torch.compile(fullgraph=True) matches eager; the wrong-image-size error;
+  reset_classifier and the forward_features/forward_head split.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import vitkern
+from vitkern.models import create_model
+from vitkern.models.coatnet import CoAtNet
+from vitkern.models.convmixer import ConvMixer
+from vitkern.models.cvt import CvT
+from vitkern.models.levit import LeViT
+from vitkern.models.pit import PiT
+
+NUM_CLASSES = 5
+BATCH = 2
+TOL = 1e-4
+REL_TOL_PARAMS = 0.02
+
+# Published parameter counts in millions: (family module, figure, source).
+PAPER_PARAMS_M = {
+    "coatnet_0": ("coatnet", 25.0, "CoAtNet paper (Dai et al. 2021), ImageNet-1K results, Params"),
+    "coatnet_1": ("coatnet", 42.0, "CoAtNet paper, ImageNet-1K results, Params"),
+    "coatnet_2": ("coatnet", 75.0, "CoAtNet paper, ImageNet-1K results, Params"),
+    "coatnet_3": ("coatnet", 168.0, "CoAtNet paper, ImageNet-1K results, Params"),
+    "coatnet_4": ("coatnet", 275.0, "CoAtNet paper, ImageNet-21K results, Params"),
+    "convmixer_1536_20": ("convmixer", 51.6, "ConvMixer paper (Trockman & Kolter 2022), ImageNet results, Params"),
+    "convmixer_768_32": ("convmixer", 21.1, "ConvMixer paper, ImageNet results, Params"),
+    "convmixer_1024_20_ks9_p14": ("convmixer", 24.4, "ConvMixer paper, ImageNet results, Params"),
+    "pit_ti_224": ("pit", 4.9, "PiT paper (Heo et al. 2021), ImageNet results, Params"),
+    "pit_xs_224": ("pit", 10.6, "PiT paper, ImageNet results, Params"),
+    "pit_s_224": ("pit", 23.5, "PiT paper, ImageNet results, Params"),
+    "pit_b_224": ("pit", 73.8, "PiT paper, ImageNet results, Params"),
+    "levit_128s": ("levit", 7.8, "LeViT paper (Graham et al. 2021), speed-accuracy table, Params"),
+    "levit_128": ("levit", 9.2, "LeViT paper, speed-accuracy table, Params"),
+    "levit_192": ("levit", 11.0, "LeViT paper, speed-accuracy table, Params"),
+    "levit_256": ("levit", 18.9, "LeViT paper, speed-accuracy table, Params"),
+    "levit_384": ("levit", 39.1, "LeViT paper, speed-accuracy table, Params"),
+    "cvt_13": ("cvt", 20.0, "CvT paper (Wu et al. 2021), architecture table, #Param"),
+    "cvt_21": ("cvt", 32.0, "CvT paper, architecture table, #Param"),
+}
+
+
+def small_model(family: str) -> tuple[nn.Module, int]:
+    """A tiny configuration of ``family`` and its input side: 4-64 channels, 1-2 blocks per stage (every block
+    kind, downsampling or not, at least once), maps of 1x1 to 8x8 tokens, so that the Triton interpreter runs it in
+    seconds. CoAtNet uses C-T-T-T so that a transformer stage sits on a 4x4 map (with C-C-T-T at this size the
+    rel-pos windows would be 2x2 and 1x1)."""
+    if family == "coatnet":
+        model = CoAtNet(32, num_blocks=(1, 2, 1, 2, 1), channels=(4, 4, 64, 32, 32), block_types=("C", "T", "T", "T"),
+                        num_classes=NUM_CLASSES, head_hidden_size=16)
+        return model, 32
+    if family == "convmixer":
+        return ConvMixer(4, 2, kernel_size=5, patch_size=4, num_classes=NUM_CLASSES), 16
+    if family == "levit":
+        return LeViT(64, dims=(16, 32), depths=(1, 1), heads=(1, 2), dim_key=16, num_classes=NUM_CLASSES), 64
+    if family == "cvt":
+        model = CvT(dims=(4, 8), depths=(1, 1), heads=(1, 2), embed_kernels=(3, 3), embed_strides=(2, 2),
+                    embed_paddings=(1, 1), num_classes=NUM_CLASSES)
+        return model, 16
+    model = PiT(16, patch_size=4, stride=2, base_dims=(2, 2), depth=(1, 1), heads=(2, 4), num_classes=NUM_CLASSES)
+    return model, 16
+
+
+FAMILIES = ("coatnet", "convmixer", "cvt", "levit", "pit")
+# The CUDA C++ backend has the depthwise convolution only: families whose other hot spots are plain attention.
+CUDA_FAMILIES = ("convmixer", "cvt", "pit")
+
+
+def randomize(model: nn.Module) -> nn.Module:
+    """Perturb every parameter (zero-initialised BatchNorm weights, bias tables, class tokens included) and give the
+    BatchNorms non-trivial running statistics, so that every path through the model matters."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+    return model
+
+
+class OpRecorder(TorchDispatchMode):
+    """Names of the operators dispatched inside the ``with`` block (e.g. "vitkern.depthwise_conv2d.default")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def run(model: nn.Module, x: torch.Tensor, backend: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], set[str]]:
+    """Output and parameter gradients of ``(out * weights).sum()`` on ``backend``, and the operators that ran."""
+    model.zero_grad()
+    with OpRecorder() as recorder:
+        with vitkern.backend(backend):
+            out = model(x)
+        weights = torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape)
+        (out * weights).sum().backward()
+    return out.detach(), {name: p.grad for name, p in model.named_parameters()}, recorder.names
+
+
+def assert_scaled_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """rtol = TOL, atol = TOL times the largest magnitude of ``expected``."""
+    scale = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(actual, expected, rtol=TOL, atol=TOL * scale, msg=lambda m: f"{name}: {m}")
+
+
+def check_backend_matches_eager(family: str, backend: str, mode: str) -> None:
+    model, img = small_model(family)
+    model = randomize(model).train(mode == "train")
+    fused = copy.deepcopy(model)
+    x = torch.randn(BATCH, 3, img, img)
+    ref_out, ref_grads, ref_ops = run(model, x, "eager")
+    out, grads, ops = run(fused, x, backend)
+    assert not any(op.startswith("vitkern.") for op in ref_ops)
+    if backend != "auto":
+        fused_ops = {op for op in ops if op.startswith("vitkern.")}
+        assert any("backward" in op for op in fused_ops), f"no fused forward and backward on {backend}: {ops}"
+    assert_scaled_close(out, ref_out, "output")
+    assert set(grads) == set(ref_grads)
+    for name, ref_grad in ref_grads.items():
+        assert ref_grad is not None, f"{name}: no gradient on the eager path"
+        assert grads[name] is not None, f"{name}: no gradient on the {backend} path"
+        assert_scaled_close(grads[name], ref_grad, f"grad of {name}")
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS_M))
+def test_parameter_count_matches_paper(name):
+    family, paper_m, source = PAPER_PARAMS_M[name]
+    with torch.device("meta"):
+        model = create_model(name)
+    assert type(model).__module__ == f"vitkern.models.{family}"
+    count_m = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(count_m - paper_m) <= REL_TOL_PARAMS * paper_m, f"{name}: {count_m:.2f}M against {paper_m}M ({source})"
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_triton_matches_eager(family, mode):
+    check_backend_matches_eager(family, "triton", mode)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("family", CUDA_FAMILIES)
+def test_cuda_matches_eager(family, mode):
+    check_backend_matches_eager(family, "cuda", mode)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_backend_matches_eager_in_eval(family):
+    """The CPU path (backend "auto"): SDPA, the folded BatchNorm epilogues, the CPU attention path."""
+    check_backend_matches_eager(family, "auto", "eval")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_step_lowers_loss(family):
+    model, img = small_model(family)
+    model.train()
+    x = torch.randn(4, 3, img, img)
+    target = torch.arange(4) % NUM_CLASSES
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss = F.cross_entropy(model(x), target)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = F.cross_entropy(model(x), target)
+    assert after.item() < loss.item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_compile_fullgraph_matches_eager(family):
+    """One graph, with the fused custom ops in it (backend "triton"), matching the uncompiled eager model."""
+    model, img = small_model(family)
+    model = randomize(model).eval()
+    x = torch.randn(BATCH, 3, img, img)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        with vitkern.backend("eager"):
+            expected = model(x)
+        with vitkern.backend("triton"):
+            actual = compiled(x)
+    assert counter.frame_count == 1
+    targets = {str(node.target) for gm in counter.graphs for node in gm.graph.nodes if node.op == "call_function"}
+    assert any(target.startswith("vitkern.") for target in targets), sorted(targets)
+    assert_scaled_close(actual, expected, "compiled output")
+
+
+@pytest.mark.parametrize("family", ["coatnet", "levit", "pit"])
+def test_wrong_image_size_names_both_sizes(family):
+    model, img = small_model(family)
+    x = torch.randn(1, 3, 2 * img, 2 * img)
+    with pytest.raises(ValueError, match=f"{img}x{img}.*{2 * img}x{2 * img}"):
+        model(x)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reset_classifier_and_features(family):
+    model, img = small_model(family)
+    model.eval()
+    x = torch.randn(BATCH, 3, img, img)
+    with torch.no_grad():
+        logits = model(x)
+        split = model.forward_head(model.forward_features(x))
+        model.reset_classifier(7)
+        assert model.num_classes == 7
+        assert model(x).shape == (BATCH, 7)
+        model.reset_classifier(0)
+        features = model(x)
+        pre_logits = model.forward_head(model.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(split, logits)
+    assert logits.shape == (BATCH, NUM_CLASSES)
+    assert features.shape == (BATCH, model.num_features if family != "coatnet" else model.head_hidden_size)
+    torch.testing.assert_close(features, pre_logits)
+
+
+def test_convmixer_eval_block_is_one_fused_call(monkeypatch):
+    """In eval mode off ``eager`` the depthwise block is one op call carrying the folded BatchNorm and the
+    residual; in train mode the BatchNorm stays outside."""
+    from vitkern.models import convmixer
+
+    calls = []
+    original = convmixer.depthwise_conv2d
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(convmixer, "depthwise_conv2d", recording)
+    model, img = small_model("convmixer")
+    x = torch.randn(BATCH, 3, img, img)
+    with torch.no_grad():
+        model.eval()(x)
+        assert len(calls) == 2
+        assert all(c["scale"] is not None and c["shift"] is not None and c["residual"] is not None for c in calls)
+        calls.clear()
+        model.train()(x)
+        assert len(calls) == 2
+        assert all("scale" not in c and "residual" not in c for c in calls)
+
+
+def test_convmixer_768_32_uses_relu_as_the_paper():
+    from vitkern.models.convmixer import convmixer_768_32
+
+    with torch.device("meta"):
+        model = convmixer_768_32()
+    assert isinstance(model.blocks[0].act1, nn.ReLU)
+
+
+def test_levit_distillation_heads():
+    """Distillation training returns (class, distillation) logits; otherwise their mean."""
+    model, img = small_model("levit")
+    model = randomize(model)
+    x = torch.randn(BATCH, 3, img, img)
+    with torch.no_grad():
+        model.distilled_training = True
+        out, out_dist = model.train()(x)
+        model.eval()
+        features = model.forward_features(x).mean(dim=(2, 3))
+        expected = (model.head(features) + model.head_dist(features)) / 2
+        torch.testing.assert_close(model(x), expected)
+    assert out.shape == out_dist.shape == (BATCH, NUM_CLASSES)
+    assert not torch.allclose(out, out_dist)
