@@ -77,13 +77,23 @@ def emulation_module() -> ModuleType | None:
     return _load("vitkern._emulation")
 
 
+@torch.compiler.assume_constant_result
+def _has_cuda_module() -> bool:
+    """cuda_module() is not None, as a constant to torch.compile (which cannot trace the import)."""
+    return cuda_module() is not None
+
+
+@torch.compiler.assume_constant_result
+def _has_emulation_module() -> bool:
+    """emulation_module() is not None, as a constant to torch.compile (which cannot trace the import)."""
+    return emulation_module() is not None
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@cache
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def available_backends() -> dict[str, bool]:
@@ -91,7 +101,7 @@ def available_backends() -> dict[str, bool]:
     gpu = torch.cuda.is_available()
     return {
         "eager": True,
-        "triton": _triton_importable() and (gpu or triton_interpreted()),
+        "triton": TRITON_INSTALLED and (gpu or triton_interpreted()),
         "cuda": gpu and cuda_module() is not None,
         "cuda-emulated": emulation_module() is not None,
     }
@@ -110,13 +120,13 @@ def resolve(op: str, device: torch.device, auto_gpu: str = "triton", requested: 
     if name == "auto":
         if not on_gpu:
             return "cpu"
-        if auto_gpu == "cuda" and cuda_module() is not None:
+        if auto_gpu == "cuda" and _has_cuda_module():
             return "cuda"
-        if _triton_importable():
+        if TRITON_INSTALLED:
             return "triton"
         return "eager"
     if name == "triton":
-        if not _triton_importable():
+        if not TRITON_INSTALLED:
             raise RuntimeError(f"{op}: backend 'triton' needs the triton package, which is not installed")
         if not on_gpu and not triton_interpreted():
             raise RuntimeError(
@@ -126,13 +136,13 @@ def resolve(op: str, device: torch.device, auto_gpu: str = "triton", requested: 
         return "triton"
     # name == "cuda"
     if on_gpu:
-        if cuda_module() is None:
+        if not _has_cuda_module():
             raise RuntimeError(
                 f"{op}: backend 'cuda' needs the vitkern._C extension, which was not built (install with a CUDA "
                 "toolkit, CUDA_HOME set and a CUDA build of torch; see the README)"
             )
         return "cuda"
-    if emulation_module() is None:
+    if not _has_emulation_module():
         raise RuntimeError(
             f"{op}: backend 'cuda' on {device.type} tensors needs the emulation build vitkern._emulation, which was "
             "not built (reinstall with VITKERN_BUILD_EMULATION=1; see the README)"

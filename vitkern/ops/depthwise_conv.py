@@ -34,9 +34,15 @@ from vitkern.reference.depthwise_conv import ACTIVATIONS, resolve_padding
 
 ACTIVATION_CODES = {None: 0, "gelu": 1, "relu": 2}
 MAX_KERNEL = 63
-# On CPU, F.conv2d's depthwise NCHW path is several times slower than its channels_last path for kernels this
-# large (9x9 on 8x768x32x32: 27 ms against 7 ms on 2 cores), so the CPU path converts.
-CPU_CHANNELS_LAST_MIN_TAPS = 25
+# The CPU path runs an NCHW input through F.conv2d in channels_last where that is faster. Measured with torch 2.14
+# on this machine's CPU (single-thread CPU time, batch 2): the NCHW forward falls off a cliff from kernel width 15 on
+# (2x256x32x32: 13x13 3.3 ms NCHW against 11 ms converted; 15x15 59 ms against 10 ms; 51x5 stays fast, 5x21 does
+# not), and the NCHW backward is about twice as slow as channels_last for kernels from 5x5 on maps of 16x16 and
+# larger (9x9 on 2x256x32x32: 46 ms against 24 ms forward+backward) but faster on small maps (7x7 on 2x768x7x7:
+# 5 ms against 23 ms).
+CPU_NCHW_SLOW_KERNEL_WIDTH = 15
+CPU_CHANNELS_LAST_BACKWARD_MIN_TAPS = 25
+CPU_CHANNELS_LAST_BACKWARD_MIN_PIXELS = 256
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -152,13 +158,26 @@ def depthwise_conv2d(
     return y
 
 
+def _cpu_prefers_channels_last(x: torch.Tensor, kernel: tuple[int, int], needs_grad: bool) -> bool:
+    """Whether F.conv2d on CPU runs an NCHW input faster converted to channels_last (the rule measured above)."""
+    if kernel[1] >= CPU_NCHW_SLOW_KERNEL_WIDTH:
+        return True
+    return (
+        needs_grad
+        and kernel[0] * kernel[1] >= CPU_CHANNELS_LAST_BACKWARD_MIN_TAPS
+        and x.shape[2] * x.shape[3] >= CPU_CHANNELS_LAST_BACKWARD_MIN_PIXELS
+    )
+
+
 def _cpu_forward(x, weight, bias, stride, pads, dilation, activation, scale, shift, residual):
-    """The ``auto`` path on CPU tensors: F.conv2d in the faster layout, then the epilogue in place on the fresh
-    output (never on an input)."""
+    """The ``auto`` path on CPU tensors: F.conv2d in the faster layout, then the plain epilogue on the fresh output
+    (never on an input)."""
     fmt = memory_format(x)
-    taps = weight.shape[2] * weight.shape[3]
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, scale, shift, residual)
+    )
     conv_in = x
-    if fmt == torch.contiguous_format and taps >= CPU_CHANNELS_LAST_MIN_TAPS:
+    if fmt == torch.contiguous_format and _cpu_prefers_channels_last(x, tuple(weight.shape[2:]), needs_grad):
         conv_in = x.contiguous(memory_format=torch.channels_last)
     top, bottom, left, right = pads
     if top == bottom and left == right:

@@ -1,0 +1,826 @@
+"""Triton kernels of :func:`vitkern.ops.depthwise_conv2d` and their launchers.
+
+The launchers implement the kernel contract in :mod:`vitkern.ops.depthwise_conv`::
+
+    depthwise_conv2d_fwd(x, weight, bias, scale, shift, residual, stride, padding, dilation, activation, save_z)
+        -> (y, z)
+    depthwise_conv2d_bwd(dy, x, weight, z, scale, stride, padding, dilation, activation, output_mask)
+        -> (dx, dweight, dbias, dscale, dshift)
+
+Kernels:
+
+* ``_dwconv_fwd_kernel``: the convolution and the whole epilogue, one program per tile of output pixels (x a
+  block of channels for channels_last) of one image; a runtime loop over blocks of BLOCK_T taps gathers a
+  (taps, pixels, channels) tile per step, so the kernel size is not a compile-time constant.
+* ``_dwconv_bwd_epilogue_kernel``: ``gz = dy * scale * act'(z)`` (the gradient of the pre-activation) and
+  per-channel partial sums of gz (bias), ``dy * act(z)`` (scale) and dy (shift) over a fixed split of the
+  (image, pixel block) range; the partials are summed in a fixed order afterwards, so the result is deterministic.
+* ``_dwconv_bwd_input_kernel``: dx, the transposed depthwise convolution of gz, stride and dilation aware.
+* ``_dwconv_bwd_weight_kernel``: dweight; a program owns a block of taps (x a block of channels) and one split of
+  the (image, pixel block) range, loads each gz block once and gathers x for all its taps. Partials per split are
+  summed in a fixed order: no float atomics, bitwise reproducible.
+
+Every kernel reads and writes through strides, so NCHW and channels_last tensors take the same path; the
+``CHANNELS_LAST`` switch only fixes which stride is 1. Accumulation is fp32 whatever the storage dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkern.kernels._specs import REPORT_DTYPES, TRITON_DTYPES, KernelSpec
+from vitkern.ops.depthwise_conv import ACTIVATION_CODES, memory_format, output_size
+
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+# (BLOCK_T, BLOCK_P, BLOCK_C, num_warps): the (taps, pixels, channels) tile of the forward, dx and dweight kernels.
+# NCHW takes the first whose BLOCK_P covers the image (else the last), channels_last the first whose BLOCK_C covers
+# the channels (else the last).
+NCHW_TILES = ((16, 64, 1, 2), (16, 128, 1, 4))
+CHANNELS_LAST_TILES = ((8, 16, 16, 4), (16, 4, 32, 4))
+# (BLOCK_P, BLOCK_C, num_warps) of the epilogue backward, by layout.
+EPILOGUE_BWD_TILE = {False: (256, 1, 4), True: (32, 32, 4)}
+# The reductions split the (image, pixel block) range until the grid has about TARGET_PROGRAMS programs, keeping
+# at least MIN_SPLIT_ITERATIONS iterations per split.
+TARGET_PROGRAMS = 1024
+MIN_SPLIT_ITERATIONS = 4
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr):
+    """act(z): 0 identity, 1 GELU (erf), 2 ReLU."""
+    if ACTIVATION == 1:
+        out = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    elif ACTIVATION == 2:
+        out = tl.maximum(z, 0.0)
+    else:
+        out = z
+    return out
+
+
+@triton.jit
+def _activation_grad(z, ACTIVATION: tl.constexpr):
+    """act'(z) for ACTIVATION 1 (GELU, erf) or 2 (ReLU, 0 at z = 0 as PyTorch)."""
+    if ACTIVATION == 1:
+        out = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    else:
+        out = tl.where(z > 0.0, 1.0, 0.0)
+    return out
+
+
+@triton.jit
+def _pixel_tile(pid, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Split a 1-D program id into (image n, pixel offsets (BLOCK_P,), channel offsets (BLOCK_C,)); pixel blocks
+    vary fastest, then channel blocks, then images."""
+    num_p = tl.cdiv(P, BLOCK_P)
+    num_c = tl.cdiv(C, BLOCK_C)
+    pid_p = pid % num_p
+    rest = pid // num_p
+    pid_c = rest % num_c
+    n = rest // num_c
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return n, p, c
+
+
+@triton.jit
+def _taps(t0, KH, KW, BLOCK_T: tl.constexpr):
+    """Taps t0 .. t0 + BLOCK_T - 1 of a KH x KW kernel, row-major: (t, kh, kw, mask), each (BLOCK_T, 1, 1)."""
+    t = t0 + tl.arange(0, BLOCK_T)
+    kh = t // KW
+    kw = t - kh * KW
+    return t[:, None, None], kh[:, None, None], kw[:, None, None], (t < KH * KW)[:, None, None]
+
+
+@triton.jit
+def _dwconv_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    res_ptr,
+    y_ptr,
+    z_ptr,
+    C,
+    H,
+    W,
+    OH,
+    OW,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_yn,
+    stride_yc,
+    stride_yh,
+    stride_yw,
+    stride_wc,
+    stride_wt,
+    KH,
+    KW,
+    STRIDE_H,
+    STRIDE_W,
+    PAD_T,
+    PAD_L,
+    DIL_H,
+    DIL_W,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    SAVE_Z: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """y = act(conv(x, w) + bias) * scale + shift + residual; z = conv(x, w) + bias when SAVE_Z.
+
+    Grid: (N * cdiv(C, BLOCK_C) * cdiv(OH * OW, BLOCK_P),). x_ptr: (N, C, H, W); w_ptr: (C, KH * KW) read through
+    (stride_wc, stride_wt); bias_ptr, scale_ptr, shift_ptr: (C,); res_ptr, y_ptr, z_ptr: (N, C, OH, OW), all three
+    with the strides stride_y*. stride_xw and stride_yw (NCHW) or stride_xc and stride_yc (channels_last) are taken
+    as 1. Each step of the tap loop gathers a (BLOCK_T, BLOCK_P, BLOCK_C) tile; the tap axis is summed at the end.
+    """
+    n, p, c = _pixel_tile(tl.program_id(0), OH * OW, C, BLOCK_P, BLOCK_C)
+    p_mask = p < OH * OW
+    c_mask = c < C
+    oh = p // OW
+    ow = p - oh * OW
+    if CHANNELS_LAST:
+        x_chan = c
+        y_chan = c
+        x_col = stride_xw
+        y_pix = oh * stride_yh + ow * stride_yw
+    else:
+        x_chan = c * stride_xc
+        y_chan = c * stride_yc
+        x_col = 1
+        y_pix = oh * stride_yh + ow
+    x_base = x_ptr + n.to(tl.int64) * stride_xn + x_chan[None, None, :]
+    w_base = w_ptr + (c * stride_wc)[None, None, :]
+    ih0 = (oh * STRIDE_H - PAD_T)[None, :, None]
+    iw0 = (ow * STRIDE_W - PAD_L)[None, :, None]
+    pc_mask = p_mask[None, :, None] & c_mask[None, None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for t0 in range(0, KH * KW, BLOCK_T):
+        t, kh, kw, t_mask = _taps(t0, KH, KW, BLOCK_T)
+        ih = ih0 + kh * DIL_H
+        iw = iw0 + kw * DIL_W
+        ok = pc_mask & t_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xv = tl.load(x_base + ih * stride_xh + iw * x_col, mask=ok, other=0.0)
+        wv = tl.load(w_base + t * stride_wt, mask=t_mask & c_mask[None, None, :], other=0.0)
+        acc += xv.to(tl.float32) * wv.to(tl.float32)
+    out = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    y_off = n.to(tl.int64) * stride_yn + y_chan[None, :] + y_pix[:, None]
+    mask = p_mask[:, None] & c_mask[None, :]
+    if SAVE_Z:
+        tl.store(z_ptr + y_off, out.to(z_ptr.dtype.element_ty), mask=mask)
+    out = _activation(out, ACTIVATION)
+    if HAS_SCALE:
+        out = out * tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        out += tl.load(shift_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        out += tl.load(res_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dwconv_bwd_epilogue_kernel(
+    dy_ptr,
+    z_ptr,
+    scale_ptr,
+    gz_ptr,
+    partial_ptr,
+    N,
+    C,
+    P,
+    OW,
+    stride_yn,
+    stride_yc,
+    stride_yh,
+    stride_yw,
+    iters_per_split,
+    num_splits,
+    HAS_SCALE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    STORE_GZ: tl.constexpr,
+    REDUCE: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """gz = dy * scale * act'(z) (fp32) and per-split partial sums of gz, dy * act(z) and dy per channel.
+
+    Grid: (cdiv(C, BLOCK_C) * num_splits,). dy_ptr, z_ptr, gz_ptr: (N, C, OH, OW) with strides stride_y*, P = OH * OW;
+    scale_ptr: (C,); partial_ptr: (3, num_splits, C) fp32, rows bias, scale, shift. Split s covers the (image, pixel
+    block) iterations [s * iters_per_split, (s + 1) * iters_per_split).
+    """
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    c = (pid // num_splits) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    if CHANNELS_LAST:
+        chan = c[None, :]
+    else:
+        chan = c[None, :] * stride_yc
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    num_p = tl.cdiv(P, BLOCK_P)
+    start = split * iters_per_split
+    end = tl.minimum(start + iters_per_split, N * num_p)
+    acc_bias = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc_scale = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc_shift = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for it in range(start, end):
+        n = it // num_p
+        p = (it % num_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = p < P
+        oh = p // OW
+        ow = p % OW
+        if CHANNELS_LAST:
+            pix = oh * stride_yh + ow * stride_yw
+        else:
+            pix = oh * stride_yh + ow
+        off = n.to(tl.int64) * stride_yn + chan + pix[:, None]
+        mask = p_mask[:, None] & c_mask[None, :]
+        dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        gz = dy
+        if HAS_SCALE:
+            gz = gz * scale
+        if ACTIVATION != 0 or (HAS_SCALE and REDUCE):
+            z = tl.load(z_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if ACTIVATION != 0:
+            gz = gz * _activation_grad(z, ACTIVATION)
+        if STORE_GZ:
+            tl.store(gz_ptr + off, gz, mask=mask)
+        if REDUCE:
+            acc_bias += gz
+            acc_shift += dy
+            if HAS_SCALE:
+                acc_scale += dy * _activation(z, ACTIVATION)
+    if REDUCE:
+        row = num_splits * C
+        out = partial_ptr + split * C + c
+        tl.store(out, tl.sum(acc_bias, axis=0), mask=c_mask)
+        tl.store(out + row, tl.sum(acc_scale, axis=0), mask=c_mask)
+        tl.store(out + 2 * row, tl.sum(acc_shift, axis=0), mask=c_mask)
+
+
+@triton.jit
+def _source_index(q_i, r_i, tap_offset, size, STEP, STRIDED: tl.constexpr):
+    """The output index o with o * STEP = i + pad - tap_offset and whether it exists within [0, size), given
+    i + pad = q_i * STEP + r_i (0 <= r_i < STEP): o exists when tap_offset has the same remainder r_i, and is then
+    q_i - tap_offset // STEP. Only the (BLOCK_T,) tap offsets are divided, not the whole tile."""
+    if STRIDED:
+        q_t = tap_offset // STEP
+        o = q_i - q_t
+        ok = (tap_offset - q_t * STEP == r_i) & (o >= 0)
+    else:
+        o = q_i - tap_offset
+        ok = o >= 0
+    return o, ok & (o < size)
+
+
+@triton.jit
+def _dwconv_bwd_input_kernel(
+    gz_ptr,
+    w_ptr,
+    dx_ptr,
+    C,
+    H,
+    W,
+    OH,
+    OW,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_yn,
+    stride_yc,
+    stride_yh,
+    stride_yw,
+    stride_wc,
+    stride_wt,
+    KH,
+    KW,
+    STRIDE_H,
+    STRIDE_W,
+    PAD_T,
+    PAD_L,
+    DIL_H,
+    DIL_W,
+    STRIDED: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """dx[n, c, ih, iw] = sum over taps (kh, kw) with ih + PAD_T - kh * DIL_H = oh * STRIDE_H and
+    iw + PAD_L - kw * DIL_W = ow * STRIDE_W of gz[n, c, oh, ow] * w[c, kh, kw]: the transposed convolution.
+
+    Grid: (N * cdiv(C, BLOCK_C) * cdiv(H * W, BLOCK_P),). gz_ptr: (N, C, OH, OW) with strides stride_y*; w_ptr:
+    (C, KH * KW) read through (stride_wc, stride_wt); dx_ptr: (N, C, H, W) with strides stride_x*. STRIDED is
+    False when both strides are 1 (no divisibility test then).
+    """
+    n, p, c = _pixel_tile(tl.program_id(0), H * W, C, BLOCK_P, BLOCK_C)
+    p_mask = p < H * W
+    c_mask = c < C
+    ih = p // W
+    iw = p - ih * W
+    if CHANNELS_LAST:
+        g_chan = c
+        g_col = stride_yw
+        x_chan = c
+        x_pix = ih * stride_xh + iw * stride_xw
+    else:
+        g_chan = c * stride_yc
+        g_col = 1
+        x_chan = c * stride_xc
+        x_pix = ih * stride_xh + iw
+    g_base = gz_ptr + n.to(tl.int64) * stride_yn + g_chan[None, None, :]
+    w_base = w_ptr + (c * stride_wc)[None, None, :]
+    pc_mask = p_mask[None, :, None] & c_mask[None, None, :]
+    # ih + PAD_T = q_h * STRIDE_H + r_h, once per pixel (the same for w).
+    q_h = (ih + PAD_T) // STRIDE_H
+    r_h = ih + PAD_T - q_h * STRIDE_H
+    q_w = (iw + PAD_L) // STRIDE_W
+    r_w = iw + PAD_L - q_w * STRIDE_W
+    q_h, r_h, q_w, r_w = q_h[None, :, None], r_h[None, :, None], q_w[None, :, None], r_w[None, :, None]
+    acc = tl.zeros((BLOCK_T, BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for t0 in range(0, KH * KW, BLOCK_T):
+        t, kh, kw, t_mask = _taps(t0, KH, KW, BLOCK_T)
+        oh, ok_h = _source_index(q_h, r_h, kh * DIL_H, OH, STRIDE_H, STRIDED)
+        ow, ok_w = _source_index(q_w, r_w, kw * DIL_W, OW, STRIDE_W, STRIDED)
+        gv = tl.load(g_base + oh * stride_yh + ow * g_col, mask=pc_mask & t_mask & ok_h & ok_w, other=0.0)
+        wv = tl.load(w_base + t * stride_wt, mask=t_mask & c_mask[None, None, :], other=0.0)
+        acc += gv.to(tl.float32) * wv.to(tl.float32)
+    dx_off = n.to(tl.int64) * stride_xn + x_chan[None, :] + x_pix[:, None]
+    tl.store(dx_ptr + dx_off, tl.sum(acc, axis=0).to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _dwconv_bwd_weight_kernel(
+    x_ptr,
+    gz_ptr,
+    partial_ptr,
+    N,
+    C,
+    H,
+    W,
+    OH,
+    OW,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_yn,
+    stride_yc,
+    stride_yh,
+    stride_yw,
+    KH,
+    KW,
+    STRIDE_H,
+    STRIDE_W,
+    PAD_T,
+    PAD_L,
+    DIL_H,
+    DIL_W,
+    iters_per_split,
+    num_splits,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Per-split partial weight gradients: partial[s, c, t] = sum over the split's (image, output pixel) of
+    gz[n, c, oh, ow] * x[n, c, oh * STRIDE_H - PAD_T + kh * DIL_H, ow * STRIDE_W - PAD_L + kw * DIL_W],
+    t = kh * KW + kw.
+
+    Grid: (cdiv(KH * KW, BLOCK_T) * cdiv(C, BLOCK_C) * num_splits,). x_ptr: (N, C, H, W) with strides stride_x*;
+    gz_ptr: (N, C, OH, OW) with strides stride_y*; partial_ptr: (num_splits, C, KH * KW) fp32. Split s covers the
+    (image, pixel block) iterations [s * iters_per_split, (s + 1) * iters_per_split). Each iteration loads a gz
+    block once and gathers the x values of the program's BLOCK_T taps into a (BLOCK_T, BLOCK_P, BLOCK_C) tile.
+    """
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    rest = pid // num_splits
+    num_t = tl.cdiv(KH * KW, BLOCK_T)
+    t, kh, kw, t_mask = _taps((rest % num_t) * BLOCK_T, KH, KW, BLOCK_T)
+    c = (rest // num_t) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    tap_h = kh * DIL_H - PAD_T
+    tap_w = kw * DIL_W - PAD_L
+    if CHANNELS_LAST:
+        x_chan = c[None, None, :]
+        g_chan = c[None, None, :]
+    else:
+        x_chan = c[None, None, :] * stride_xc
+        g_chan = c[None, None, :] * stride_yc
+    tc_mask = t_mask & c_mask[None, None, :]
+    num_p = tl.cdiv(OH * OW, BLOCK_P)
+    start = split * iters_per_split
+    end = tl.minimum(start + iters_per_split, N * num_p)
+    acc = tl.zeros((BLOCK_T, BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for it in range(start, end):
+        n = (it // num_p).to(tl.int64)
+        p = (it % num_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = p < OH * OW
+        oh = p // OW
+        ow = p - oh * OW
+        if CHANNELS_LAST:
+            g_pix = oh * stride_yh + ow * stride_yw
+        else:
+            g_pix = oh * stride_yh + ow
+        gv = tl.load(
+            gz_ptr + n * stride_yn + g_chan + g_pix[None, :, None],
+            mask=p_mask[None, :, None] & c_mask[None, None, :],
+            other=0.0,
+        )
+        ih = (oh * STRIDE_H)[None, :, None] + tap_h
+        iw = (ow * STRIDE_W)[None, :, None] + tap_w
+        ok = tc_mask & p_mask[None, :, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        if CHANNELS_LAST:
+            x_pix = ih * stride_xh + iw * stride_xw
+        else:
+            x_pix = ih * stride_xh + iw
+        xv = tl.load(x_ptr + n * stride_xn + x_chan + x_pix, mask=ok, other=0.0)
+        acc += gv.to(tl.float32) * xv.to(tl.float32)
+    out = partial_ptr + split * C * KH * KW + c[None, None, :] * (KH * KW) + t
+    tl.store(out, tl.sum(acc, axis=1)[:, None, :], mask=tc_mask)
+
+
+# --- launchers ------------------------------------------------------------------------------------------------
+
+
+def _pick_tile(tiles: tuple[tuple[int, ...], ...], size: int, axis: int) -> tuple[int, ...]:
+    """The first tile whose entry ``axis`` covers ``size``, else the last (largest)."""
+    for tile in tiles:
+        if tile[axis] >= size:
+            return tile
+    return tiles[-1]
+
+
+def conv_tile(pixels: int, channels: int, channels_last: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_P, BLOCK_C, num_warps) of the forward, dx and dweight kernels for images of ``pixels``
+    pixels (the kernel's own pixel axis: output pixels for forward and dweight, input pixels for dx)."""
+    if channels_last:
+        return _pick_tile(CHANNELS_LAST_TILES, channels, 2)
+    return _pick_tile(NCHW_TILES, pixels, 1)
+
+
+def split_count(iterations: int, programs: int) -> int:
+    """How many parts a reduction over ``iterations`` (image, pixel block) steps is split into, given ``programs``
+    programs per split: up to about TARGET_PROGRAMS programs, with at least MIN_SPLIT_ITERATIONS iterations each.
+    Depends on the shape only, so results are reproducible across runs and devices."""
+    return max(1, min(iterations // MIN_SPLIT_ITERATIONS, TARGET_PROGRAMS // max(programs, 1)))
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return memory_format(x) == torch.channels_last
+
+
+def _weight_view(weight: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, int, int]:
+    """weight (C, 1, kh, kw) as a (C, kh * kw) matrix and its (channel, tap) strides; for channels_last a
+    tap-major copy, so the BLOCK_C channels of one tap are contiguous."""
+    channels = weight.shape[0]
+    taps = weight.shape[2] * weight.shape[3]
+    if channels_last:
+        return weight.reshape(channels, taps).t().contiguous(), 1, channels
+    return weight, taps, 1
+
+
+def depthwise_conv2d_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    activation: int,
+    save_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the kernel contract: y (N, C, OH, OW) and z (same shape, or empty unless ``save_z``).
+
+    x, residual: (N, C, H, W) / (N, C, OH, OW) contiguous in x's memory format; weight (C, 1, kh, kw); bias, scale,
+    shift (C,); padding [top, bottom, left, right]; activation 0 none, 1 gelu, 2 relu.
+    """
+    n, channels, height, width = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    out_h = output_size(height, kh, stride[0], padding[0], padding[1], dilation[0])
+    out_w = output_size(width, kw, stride[1], padding[2], padding[3], dilation[1])
+    fmt = memory_format(x)
+    y = torch.empty((n, channels, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    z = torch.empty_like(y) if save_z else x.new_empty(0)
+    if y.numel() == 0:
+        return y, z
+    channels_last = _is_channels_last(x)
+    w, stride_wc, stride_wt = _weight_view(weight, channels_last)
+    block_t, block_p, block_c, warps = conv_tile(out_h * out_w, channels, channels_last)
+    grid = (n * triton.cdiv(channels, block_c) * triton.cdiv(out_h * out_w, block_p),)
+    _dwconv_fwd_kernel[grid](
+        x,
+        w,
+        x if bias is None else bias,
+        x if scale is None else scale,
+        x if shift is None else shift,
+        y if residual is None else residual,
+        y,
+        z if save_z else y,
+        channels,
+        height,
+        width,
+        out_h,
+        out_w,
+        *x.stride(),
+        *y.stride(),
+        stride_wc,
+        stride_wt,
+        kh,
+        kw,
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[2],
+        dilation[0],
+        dilation[1],
+        HAS_BIAS=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        HAS_RESIDUAL=residual is not None,
+        ACTIVATION=activation,
+        SAVE_Z=save_z,
+        CHANNELS_LAST=channels_last,
+        BLOCK_T=block_t,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        num_warps=warps,
+    )
+    return y, z
+
+
+def depthwise_conv2d_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    z: torch.Tensor,
+    scale: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    activation: int,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of the kernel contract: (dx, dweight, dbias, dscale, dshift), those not in ``output_mask`` empty.
+
+    dy, z: (N, C, OH, OW) contiguous in x's memory format (z may be empty when neither an activation nor scale
+    needs it); x (N, C, H, W); weight (C, 1, kh, kw); scale (C,) or None. All reductions are deterministic.
+    """
+    need_dx, need_dw, need_dbias, need_dscale, need_dshift = output_mask
+    n, channels, height, width = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    out_h, out_w = dy.shape[2], dy.shape[3]
+    fmt = memory_format(x)
+    channels_last = _is_channels_last(x)
+    dx = torch.empty_like(x, memory_format=fmt) if need_dx else x.new_empty(0)
+    dweight = torch.empty_like(weight) if need_dw else weight.new_empty(0)
+    vectors = [weight.new_empty(channels) if needed else weight.new_empty(0) for needed in output_mask[2:]]
+    if x.numel() == 0 or dy.numel() == 0:
+        for grad in (dx, dweight, *vectors):
+            grad.zero_()
+        return dx, dweight, *vectors
+
+    gz = dy
+    needs_gz = need_dx or need_dw
+    through_epilogue = activation != 0 or scale is not None
+    reduce = need_dbias or need_dscale or need_dshift
+    if reduce or (needs_gz and through_epilogue):
+        store_gz = needs_gz and through_epilogue
+        if store_gz:
+            gz = torch.empty(dy.shape, dtype=torch.float32, device=dy.device, memory_format=fmt)
+        block_p, block_c, warps = EPILOGUE_BWD_TILE[channels_last]
+        pixel_blocks = triton.cdiv(out_h * out_w, block_p)
+        channel_blocks = triton.cdiv(channels, block_c)
+        splits = split_count(n * pixel_blocks, channel_blocks)
+        partials = torch.empty((3, splits, channels), dtype=torch.float32, device=dy.device)
+        _dwconv_bwd_epilogue_kernel[(channel_blocks * splits,)](
+            dy,
+            dy if z.numel() == 0 else z,
+            dy if scale is None else scale,
+            gz,
+            partials,
+            n,
+            channels,
+            out_h * out_w,
+            out_w,
+            *dy.stride(),
+            triton.cdiv(n * pixel_blocks, splits),
+            splits,
+            HAS_SCALE=scale is not None,
+            ACTIVATION=activation,
+            STORE_GZ=store_gz,
+            REDUCE=reduce,
+            CHANNELS_LAST=channels_last,
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+            num_warps=warps,
+        )
+        if reduce:
+            sums = partials.sum(dim=1)
+            for i, (needed, grad) in enumerate(zip(output_mask[2:], vectors)):
+                if needed:
+                    grad.copy_(sums[i])
+
+    conv_args = (kh, kw, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+    if need_dx:
+        w, stride_wc, stride_wt = _weight_view(weight, channels_last)
+        block_t, block_p, block_c, warps = conv_tile(height * width, channels, channels_last)
+        grid = (n * triton.cdiv(channels, block_c) * triton.cdiv(height * width, block_p),)
+        _dwconv_bwd_input_kernel[grid](
+            gz,
+            w,
+            dx,
+            channels,
+            height,
+            width,
+            out_h,
+            out_w,
+            *dx.stride(),
+            *gz.stride(),
+            stride_wc,
+            stride_wt,
+            *conv_args,
+            STRIDED=tuple(stride) != (1, 1),
+            CHANNELS_LAST=channels_last,
+            BLOCK_T=block_t,
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+            num_warps=warps,
+        )
+    if need_dw:
+        block_t, block_p, block_c, warps = conv_tile(out_h * out_w, channels, channels_last)
+        programs = triton.cdiv(kh * kw, block_t) * triton.cdiv(channels, block_c)
+        iterations = n * triton.cdiv(out_h * out_w, block_p)
+        splits = split_count(iterations, programs)
+        partials = torch.empty((splits, channels, kh * kw), dtype=torch.float32, device=x.device)
+        _dwconv_bwd_weight_kernel[(programs * splits,)](
+            x,
+            gz,
+            partials,
+            n,
+            channels,
+            height,
+            width,
+            out_h,
+            out_w,
+            *x.stride(),
+            *gz.stride(),
+            *conv_args,
+            triton.cdiv(iterations, splits),
+            splits,
+            CHANNELS_LAST=channels_last,
+            BLOCK_T=block_t,
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+            num_warps=warps,
+        )
+        dweight.copy_(partials.sum(dim=0).view(weight.shape))
+    return dx, dweight, *vectors
+
+
+# --- kernel report --------------------------------------------------------------------------------------------
+
+_CONV_SHAPE_ARGS = ("C", "H", "W", "OH", "OW")
+_X_STRIDES = ("stride_xn", "stride_xc", "stride_xh", "stride_xw")
+_Y_STRIDES = ("stride_yn", "stride_yc", "stride_yh", "stride_yw")
+_CONV_ARGS = ("KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_T", "PAD_L", "DIL_H", "DIL_W")
+_SPLIT_ARGS = ("iters_per_split", "num_splits")
+
+
+def _i32(names: tuple[str, ...]) -> dict[str, str]:
+    return dict.fromkeys(names, "i32")
+
+
+def _activation_codes() -> list[int]:
+    return sorted(ACTIVATION_CODES.values())
+
+
+def _conv_tiles() -> list[tuple[bool, tuple[int, int, int, int]]]:
+    """(channels_last, tile) for every tile :func:`conv_tile` can pick."""
+    return [(False, tile) for tile in NCHW_TILES] + [(True, tile) for tile in CHANNELS_LAST_TILES]
+
+
+def _tile_constexprs(block_t: int, block_p: int, block_c: int) -> dict[str, int]:
+    return {"BLOCK_T": block_t, "BLOCK_P": block_p, "BLOCK_C": block_c}
+
+
+def _fwd_specs(dtype: str) -> list[KernelSpec]:
+    ptr = f"*{dtype}"
+    signature = {
+        **dict.fromkeys(("x_ptr", "w_ptr", "bias_ptr", "scale_ptr", "shift_ptr", "res_ptr", "y_ptr", "z_ptr"), ptr),
+        **_i32(_CONV_SHAPE_ARGS + _X_STRIDES + _Y_STRIDES + ("stride_wc", "stride_wt") + _CONV_ARGS),
+    }
+    # Every activation with every epilogue tensor (the worst case), and the bare convolution.
+    flag_sets = [(activation, True) for activation in _activation_codes()] + [(0, False)]
+    specs = []
+    for channels_last, (block_t, block_p, block_c, warps) in _conv_tiles():
+        for activation, epilogue in flag_sets:
+            constexprs = {
+                "HAS_BIAS": epilogue,
+                "HAS_SCALE": epilogue,
+                "HAS_SHIFT": epilogue,
+                "HAS_RESIDUAL": epilogue,
+                "ACTIVATION": activation,
+                "SAVE_Z": epilogue,
+                "CHANNELS_LAST": channels_last,
+                **_tile_constexprs(block_t, block_p, block_c),
+            }
+            specs.append(KernelSpec("dwconv_fwd", _dwconv_fwd_kernel, signature, constexprs, warps))
+    return specs
+
+
+def _epilogue_bwd_specs(dtype: str) -> list[KernelSpec]:
+    signature = {
+        "dy_ptr": f"*{dtype}",
+        "z_ptr": f"*{dtype}",
+        "scale_ptr": f"*{dtype}",
+        "gz_ptr": "*fp32",
+        "partial_ptr": "*fp32",
+        **_i32(("N", "C", "P", "OW") + _Y_STRIDES + _SPLIT_ARGS),
+    }
+    specs = []
+    for channels_last, (block_p, block_c, warps) in EPILOGUE_BWD_TILE.items():
+        for activation in _activation_codes():
+            constexprs = {
+                "HAS_SCALE": True,
+                "ACTIVATION": activation,
+                "STORE_GZ": True,
+                "REDUCE": True,
+                "CHANNELS_LAST": channels_last,
+                "BLOCK_P": block_p,
+                "BLOCK_C": block_c,
+            }
+            specs.append(KernelSpec("dwconv_bwd_epilogue", _dwconv_bwd_epilogue_kernel, signature, constexprs, warps))
+    return specs
+
+
+def _gz_dtypes(dtype: str) -> list[str]:
+    """gz is dy itself (x's dtype) without an activation or scale, else the fp32 buffer of the epilogue backward."""
+    return sorted({dtype, "fp32"})
+
+
+def _input_bwd_specs(dtype: str) -> list[KernelSpec]:
+    specs = []
+    for gz_dtype in _gz_dtypes(dtype):
+        signature = {
+            "gz_ptr": f"*{gz_dtype}",
+            "w_ptr": f"*{dtype}",
+            "dx_ptr": f"*{dtype}",
+            **_i32(_CONV_SHAPE_ARGS + _X_STRIDES + _Y_STRIDES + ("stride_wc", "stride_wt") + _CONV_ARGS),
+        }
+        for channels_last, (block_t, block_p, block_c, warps) in _conv_tiles():
+            for strided in (False, True):
+                constexprs = {
+                    "STRIDED": strided,
+                    "CHANNELS_LAST": channels_last,
+                    **_tile_constexprs(block_t, block_p, block_c),
+                }
+                specs.append(KernelSpec("dwconv_bwd_input", _dwconv_bwd_input_kernel, signature, constexprs, warps))
+    return specs
+
+
+def _weight_bwd_specs(dtype: str) -> list[KernelSpec]:
+    specs = []
+    for gz_dtype in _gz_dtypes(dtype):
+        signature = {
+            "x_ptr": f"*{dtype}",
+            "gz_ptr": f"*{gz_dtype}",
+            "partial_ptr": "*fp32",
+            **_i32(("N",) + _CONV_SHAPE_ARGS + _X_STRIDES + _Y_STRIDES + _CONV_ARGS + _SPLIT_ARGS),
+        }
+        for channels_last, (block_t, block_p, block_c, warps) in _conv_tiles():
+            constexprs = {"CHANNELS_LAST": channels_last, **_tile_constexprs(block_t, block_p, block_c)}
+            specs.append(KernelSpec("dwconv_bwd_weight", _dwconv_bwd_weight_kernel, signature, constexprs, warps))
+    return specs
+
+
+def report_specs() -> list[KernelSpec]:
+    """Every kernel of this module in every config its launchers can pick, for fp32, fp16 and bf16."""
+    specs = []
+    for torch_dtype in REPORT_DTYPES:
+        dtype = TRITON_DTYPES[torch_dtype]
+        for make in (_fwd_specs, _epilogue_bwd_specs, _input_bwd_specs, _weight_bwd_specs):
+            specs += [dataclasses.replace(spec, meta={"dtype": dtype}) for spec in make(dtype)]
+    return specs

@@ -1,0 +1,380 @@
+"""vitkern.ops.depthwise_conv2d against F.conv2d plus the plain epilogue, on every backend.
+
+The expected side is written here from F.pad, F.conv2d, F.gelu and F.relu (independent of vitkern.reference) and
+run in float64 with autograd for the gradients. "triton" runs the Triton kernels (under the interpreter on CPU),
+"cuda" the CUDA C++ kernels (through the emulation build on CPU); "auto" (the CPU path) and "eager" are checked too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkern
+from vitkern._backend import resolve
+from vitkern.ops.depthwise_conv import depthwise_conv2d
+from vitkern.testing import assert_close
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+KERNEL_BACKENDS = ["triton", "cuda"]
+NAMES = ("x", "weight", "bias", "scale", "shift", "residual")
+NCHW = torch.contiguous_format
+CHANNELS_LAST = torch.channels_last
+LAYOUTS = [pytest.param(NCHW, id="nchw"), pytest.param(CHANNELS_LAST, id="channels_last")]
+
+
+def expected_conv(x, weight, bias, stride, padding, dilation, activation, scale, shift, residual):
+    """act(conv(x, weight) + bias) * scale + shift + residual from F.pad / F.conv2d; "same" padding by hand:
+    dilation * (k - 1) in total per dimension, the odd element at the bottom/right."""
+    stride = (stride, stride) if isinstance(stride, int) else stride
+    dilation = (dilation, dilation) if isinstance(dilation, int) else dilation
+    kh, kw = weight.shape[2:]
+    if padding == "same":
+        total_h, total_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+        pads = (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
+    elif padding == "valid":
+        pads = (0, 0, 0, 0)
+    elif isinstance(padding, int):
+        pads = (padding,) * 4
+    else:
+        pads = (padding[1], padding[1], padding[0], padding[0])
+    z = F.conv2d(F.pad(x, pads), weight, bias, stride=stride, dilation=dilation, groups=x.shape[1])
+    if activation == "gelu":
+        z = F.gelu(z)
+    elif activation == "relu":
+        z = F.relu(z)
+    if scale is not None:
+        z = z * scale[None, :, None, None]
+    if shift is not None:
+        z = z + shift[None, :, None, None]
+    if residual is not None:
+        z = z + residual
+    return z
+
+
+def output_shape(shape, kernel, stride, padding, dilation):
+    """The output shape, from a meta-device F.conv2d of the same arguments."""
+    x = torch.empty(shape, device="meta")
+    weight = torch.empty((shape[1], 1, *kernel), device="meta")
+    return expected_conv(x, weight, None, stride, padding, dilation, None, None, None, None).shape
+
+
+def make_inputs(shape, kernel, stride=1, padding="same", dilation=1, dtype=torch.float32, layout=NCHW):
+    """x, weight, bias, scale, shift and residual; x and residual in ``layout``."""
+    c = shape[1]
+    x = torch.randn(shape, device=DEVICE).to(dtype=dtype, memory_format=layout)
+    weight = (torch.randn((c, 1, *kernel), device=DEVICE) / (kernel[0] * kernel[1]) ** 0.5).to(dtype)
+    residual = torch.randn(output_shape(shape, kernel, stride, padding, dilation), device=DEVICE)
+    return {
+        "x": x,
+        "weight": weight,
+        "bias": torch.randn(c, device=DEVICE).to(dtype),
+        "scale": torch.randn(c, device=DEVICE).to(dtype),
+        "shift": torch.randn(c, device=DEVICE).to(dtype),
+        "residual": residual.to(dtype=dtype, memory_format=layout),
+    }
+
+
+def run_op(backend, inputs, grads, dy, **conv):
+    """The op on ``backend``; returns the output and the gradients of the inputs named in ``grads``."""
+    leaves = {k: v.detach().clone().requires_grad_(k in grads) for k, v in inputs.items()}
+    with vitkern.backend(backend):
+        y = depthwise_conv2d(**leaves, **conv)
+    if grads:
+        y.backward(dy)
+    return y, {k: leaves[k].grad for k in grads}
+
+
+def run_expected(inputs, grads, dy, dtype, **conv):
+    """The independent expected side in ``dtype`` (on CPU): output and gradients."""
+    leaves = {k: v.detach().cpu().to(dtype).requires_grad_(k in grads) for k, v in inputs.items()}
+    y = expected_conv(
+        leaves["x"],
+        leaves["weight"],
+        leaves.get("bias"),
+        conv.get("stride", 1),
+        conv.get("padding", "same"),
+        conv.get("dilation", 1),
+        conv.get("activation"),
+        leaves.get("scale"),
+        leaves.get("shift"),
+        leaves.get("residual"),
+    )
+    if grads:
+        y.backward(dy.cpu().to(dtype))
+    return y, {k: leaves[k].grad for k in grads}
+
+
+def layout_of(x):
+    return CHANNELS_LAST if x.is_contiguous(memory_format=CHANNELS_LAST) and not x.is_contiguous() else NCHW
+
+
+def check_op(backend, inputs, grads=NAMES, **conv):
+    """The op's output and gradients against the expected side (float64; for fp16 also the same-dtype PyTorch
+    error bound of vitkern.testing), the output's dtype and memory format, and that no input was modified."""
+    grads = tuple(g for g in grads if g in inputs)
+    originals = {k: v.clone() for k, v in inputs.items()}
+    x = inputs["x"]
+    shape = output_shape(
+        x.shape, inputs["weight"].shape[2:], conv.get("stride", 1), conv.get("padding", "same"), conv.get("dilation", 1)
+    )
+    dy = torch.randn(shape, device=DEVICE).to(x.dtype)
+    y, got = run_op(backend, inputs, grads, dy, **conv)
+    reference, reference_grads = run_expected(inputs, grads, dy, torch.float64, **conv)
+    same_dtype, same_dtype_grads = None, {}
+    if x.dtype != torch.float32:
+        same_dtype, same_dtype_grads = run_expected(inputs, grads, dy, x.dtype, **conv)
+    assert y.dtype == x.dtype
+    assert y.is_contiguous(memory_format=layout_of(x)), "the output lost the input's memory format"
+    assert_close(y.cpu(), reference.float(), same_dtype, name="output")
+    for name in grads:
+        assert got[name] is not None, f"no gradient for {name}"
+        assert_close(got[name].cpu(), reference_grads[name].float(), same_dtype_grads.get(name), name=f"d{name}")
+    for name, original in originals.items():
+        assert torch.equal(inputs[name], original), f"{name} was modified in place"
+
+
+# --- the expected side itself ---------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("kernel", [(3, 3), (4, 4), (4, 3), (5, 2)])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_expected_same_padding_matches_conv2d_same(kernel, dilation):
+    """The test's hand-written "same" padding is F.conv2d(padding="same"), even kernels included."""
+    x, weight = torch.randn(2, 3, 11, 10), torch.randn(3, 1, *kernel)
+    got = expected_conv(x, weight, None, 1, "same", dilation, None, None, None, None)
+    torch.testing.assert_close(got, F.conv2d(x, weight, padding="same", dilation=dilation, groups=3))
+
+
+# --- kernel backends ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kernel, layout",
+    [(1, NCHW), (3, CHANNELS_LAST), (7, NCHW), (7, CHANNELS_LAST), (9, NCHW), (13, NCHW)],
+    ids=["1-nchw", "3-cl", "7-nchw", "7-cl", "9-nchw", "13-nchw"],
+)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_sizes(backend, kernel, layout):
+    inputs = make_inputs((2, 3, 11, 9), (kernel, kernel), layout=layout)
+    check_op(backend, inputs, activation="gelu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kernel, layout",
+    [pytest.param((31, 31), NCHW, id="31x31-nchw"), pytest.param((51, 5), CHANNELS_LAST, id="51x5-cl")],
+)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_large_kernels(backend, kernel, layout):
+    inputs = make_inputs((1, 3, 9, 7), kernel, layout=layout)
+    check_op(backend, inputs, activation="gelu")
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation, layout",
+    [
+        pytest.param((4, 4), 1, "same", 1, NCHW, id="even-same"),
+        pytest.param((5, 3), 1, "same", 2, NCHW, id="rect-same-dil2"),
+        pytest.param((3, 3), 2, "same", 1, NCHW, id="same-s2"),
+        pytest.param((4, 5), 2, "same", 2, NCHW, id="even-same-s2-dil2"),
+        pytest.param((4, 5), 2, "same", 2, CHANNELS_LAST, id="even-same-s2-dil2-cl"),
+        pytest.param((3, 3), 1, "valid", 1, NCHW, id="valid"),
+        pytest.param((5, 5), 2, "valid", 2, CHANNELS_LAST, id="valid-s2-dil2-cl"),
+        pytest.param((3, 3), 2, 1, 1, NCHW, id="int-s2"),
+        pytest.param((5, 3), (2, 1), (2, 1), (1, 2), NCHW, id="pair"),
+        pytest.param((5, 3), (2, 1), (2, 1), (1, 2), CHANNELS_LAST, id="pair-cl"),
+        pytest.param((3, 4), (1, 2), 0, (2, 1), NCHW, id="zero-pad"),
+    ],
+)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_stride_padding_dilation(backend, kernel, stride, padding, dilation, layout):
+    inputs = make_inputs((2, 3, 10, 9), kernel, stride, padding, dilation, layout=layout)
+    check_op(backend, inputs, stride=stride, padding=padding, dilation=dilation, activation="relu")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("activation", [None, "gelu", "relu"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_activations_every_gradient(backend, activation, layout):
+    inputs = make_inputs((2, 3, 8, 9), (5, 5), layout=layout)
+    check_op(backend, inputs, activation=activation)
+
+
+@pytest.mark.parametrize(
+    "present, grads",
+    [
+        (("x", "weight"), ("x", "weight")),
+        (("x", "weight", "bias"), ("bias",)),
+        (("x", "weight", "scale"), ("weight", "scale")),
+        (("x", "weight", "shift", "residual"), ("shift", "residual")),
+        (NAMES, ("x",)),
+        (NAMES, ("scale", "bias")),
+    ],
+    ids=["plain", "bias-only", "scale", "shift-residual", "dx-only", "vectors-only"],
+)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_epilogue_subsets(backend, present, grads):
+    """Each epilogue tensor on its own and gradients asked for a subset of the inputs."""
+    inputs = {k: v for k, v in make_inputs((2, 3, 8, 9), (3, 3)).items() if k in present}
+    check_op(backend, inputs, grads, activation="gelu")
+
+
+@pytest.mark.parametrize(
+    "shape, layout",
+    [
+        pytest.param((2, 3, 13, 11), NCHW, id="nchw-143px"),
+        pytest.param((1, 2, 17, 19), NCHW, id="nchw-323px"),
+        pytest.param((2, 17, 7, 9), CHANNELS_LAST, id="cl-17ch"),
+        pytest.param((1, 33, 5, 6), CHANNELS_LAST, id="cl-33ch"),
+    ],
+)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_sizes_off_block_multiples(backend, shape, layout):
+    """Pixel and channel counts that are not multiples of any block size, several blocks per axis."""
+    inputs = make_inputs(shape, (3, 3), layout=layout)
+    check_op(backend, inputs, activation="gelu")
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, layout",
+    [pytest.param((3, 3), 1, CHANNELS_LAST, id="3x3-cl"), pytest.param((7, 7), 2, NCHW, id="7x7-s2-nchw")],
+)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fp16(backend, kernel, stride, layout):
+    inputs = make_inputs((2, 4, 11, 9), kernel, stride, dtype=torch.float16, layout=layout)
+    check_op(backend, inputs, stride=stride, activation="gelu")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradients_deterministic(backend, layout):
+    """Weight and per-channel gradients are bitwise identical across runs (no float atomics)."""
+    inputs = make_inputs((2, 3, 9, 9), (3, 3), layout=layout)
+    dy = torch.randn(2, 3, 9, 9, device=DEVICE)
+    runs = [run_op(backend, inputs, ("weight", "bias", "scale", "shift"), dy, activation="gelu")[1] for _ in range(2)]
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), f"d{name} differs between two runs"
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend):
+    """torch.library.opcheck on the forward and backward custom ops (schema, fake tensors, autograd)."""
+    inputs = make_inputs((1, 3, 6, 5), (3, 3))
+    x, weight, bias, scale, shift, residual = (inputs[k] for k in NAMES)
+    conv = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    impl = resolve("depthwise_conv2d", x.device, requested=backend)
+    leaves = tuple(t.clone().requires_grad_() for t in (x, weight, bias, scale, shift, residual))
+    torch.library.opcheck(torch.ops.vitkern.depthwise_conv2d, (*leaves, *conv, True, impl))
+    _, z = torch.ops.vitkern.depthwise_conv2d(x, weight, bias, scale, shift, residual, *conv, True, impl)
+    backward_args = (torch.randn_like(z), x, weight, z, scale, *conv, [True] * 5, impl)
+    # The backward op has no autograd of its own (no double backward), so aot_dispatch_dynamic does not apply.
+    torch.library.opcheck(
+        torch.ops.vitkern.depthwise_conv2d_backward,
+        backward_args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+@pytest.mark.parametrize(
+    "compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph(backend, compiler):
+    """A function using the op compiles with fullgraph=True and matches eager, forward and gradients; aot_eager
+    traces through the fake and autograd registrations, inductor also generates code around the op."""
+    inputs = make_inputs((2, 3, 8, 7), (3, 3), layout=CHANNELS_LAST)
+
+    def block(x, weight, bias, scale, shift, residual):
+        y = depthwise_conv2d(x * 2.0, weight, bias, activation="gelu", scale=scale, shift=shift, residual=residual)
+        return y.relu() + x
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=compiler, fullgraph=True)
+    leaves = [inputs[k].clone().requires_grad_() for k in NAMES]
+    eager_leaves = [inputs[k].clone().requires_grad_() for k in NAMES]
+    with vitkern.backend(backend):
+        got = compiled(*leaves)
+        got.sum().backward()
+        want = block(*eager_leaves)
+        want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(NAMES, leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+# --- plain-PyTorch backends -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation",
+    [((3, 3), 1, "same", 1), ((4, 4), 2, "same", 1), ((9, 9), 1, "same", 1), ((7, 5), (1, 2), (3, 1), 2),
+     ((3, 15), 1, "same", 1)],
+    ids=["3x3", "even-s2", "9x9", "rect-pair", "3x15"],
+)
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_plain_backends(backend, kernel, stride, padding, dilation, layout):
+    """The CPU path (auto on CPU tensors: F.conv2d, NCHW converted to channels_last where that is faster on CPU)
+    and the eager reference; 16x17 maps, so the 9x9 and 7x5 NCHW cases take the converted path with gradients."""
+    inputs = make_inputs((2, 6, 16, 17), kernel, stride, padding, dilation, layout=layout)
+    check_op(backend, inputs, stride=stride, padding=padding, dilation=dilation, activation="gelu")
+
+
+@pytest.mark.parametrize("kernel", [(9, 9), (3, 15)])
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_plain_backends_forward_only(backend, kernel):
+    """Without gradients the CPU path keeps NCHW below kernel width 15."""
+    check_op(backend, make_inputs((2, 6, 16, 17), kernel), grads=(), activation="relu")
+
+
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_plain_backends_fp16(backend):
+    inputs = make_inputs((2, 4, 11, 9), (7, 7), dtype=torch.float16)
+    check_op(backend, inputs, activation="gelu")
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+
+def _bad_cases():
+    x = torch.randn(2, 3, 8, 8)
+    w = torch.randn(3, 1, 3, 3)
+    return [
+        ("weight", dict(x=x, weight=torch.randn(3, 3, 3))),
+        ("weight", dict(x=x, weight=torch.randn(3, 2, 3, 3))),
+        ("weight", dict(x=x, weight=torch.randn(4, 1, 3, 3))),
+        ("weight", dict(x=x, weight=torch.randn(3, 1, 64, 3))),
+        ("x", dict(x=x.long(), weight=w)),
+        ("weight", dict(x=x, weight=w.long())),
+        ("weight", dict(x=x, weight=w.half())),
+        ("bias", dict(x=x, weight=w, bias=torch.randn(3).double())),
+        ("weight", dict(x=x, weight=w.to("meta"))),
+        ("scale", dict(x=x, weight=w, scale=torch.randn(3, device="meta"))),
+        ("x", dict(x=torch.randn(3, 8, 8), weight=w)),
+        ("bias", dict(x=x, weight=w, bias=torch.randn(4))),
+        ("shift", dict(x=x, weight=w, shift=torch.randn(3, 1))),
+        ("residual", dict(x=x, weight=w, residual=torch.randn(2, 3, 7, 8))),
+        ("stride", dict(x=x, weight=w, stride=0)),
+        ("stride", dict(x=x, weight=w, stride=(1, 0))),
+        ("stride", dict(x=x, weight=w, stride=1.5)),
+        ("dilation", dict(x=x, weight=w, dilation=0)),
+        ("padding", dict(x=x, weight=w, padding="full")),
+        ("padding", dict(x=x, weight=w, padding=-1)),
+        ("activation", dict(x=x, weight=w, activation="silu")),
+        ("x", dict(x=x, weight=torch.randn(3, 1, 9, 9), padding="valid")),
+    ]
+
+
+BAD_CASES = _bad_cases()
+
+
+@pytest.mark.parametrize("backend", ["auto", "eager", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("argument, kwargs", BAD_CASES, ids=[f"{i}-{case[0]}" for i, case in enumerate(BAD_CASES)])
+def test_bad_input(backend, argument, kwargs):
+    """Bad input raises ValueError or TypeError whose message names the argument, before any backend runs."""
+    with vitkern.backend(backend), pytest.raises((ValueError, TypeError), match=rf"^{argument}\b"):
+        depthwise_conv2d(**kwargs)
