@@ -22,6 +22,7 @@ class KernelSpec:
 
     signature: every non-constexpr argument name -> Triton type ("*fp16", "i32", "fp32", ...), in argument order.
     constexprs: every ``tl.constexpr`` argument name -> value.
+    maxnreg: the launch's register limit per thread (Triton's ``maxnreg`` option), None for ptxas's own choice.
     """
 
     name: str
@@ -30,4 +31,5 @@ class KernelSpec:
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)

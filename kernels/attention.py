@@ -1,0 +1,808 @@
+"""Triton kernels for attention with learned position biases: ``softmax(scale * q @ k^T + bias) @ v``.
+
+One forward kernel and one backward family, the bias a compile-time switch (``BIAS_MODE``):
+
+* 0: no bias;
+* 1: relative-position table ((2Wh-1)(2Ww-1), H), geometry [Wh, Ww]: bias[h, i, j] = table[(yi-yj+Wh-1)*(2Ww-1) +
+  (xi-xj+Ww-1), h], the index computed from token coordinates inside the kernel;
+* 2: LeViT biases (H, R*R), geometry [R, s]: keys on the R x R grid, queries on the stride-s grid:
+  bias[h, i, j] = biases[h, |s*yi - yj|*R + |s*xi - xj|];
+* 3: a dense 4-D bias broadcastable to (B, H, Nq, Nk), broadcast dims read with stride 0, -inf allowed.
+
+Kernels (all accumulate in fp32; the softmax is streamed in base 2 with the log2(e) factor folded into the scores;
+fp16 / bf16 dots run on tensor cores, fp32 dots exact (``input_precision="ieee"``) on 16 x 16 tiles):
+
+* :func:`_attention_fwd_kernel`: per query block, streams over key blocks; writes out and lse.
+* :func:`_attention_bwd_dq_kernel`: per query block: delta = rowsum(dout * out), dq, and for a dense bias dS,
+  written straight into the bias gradient when the bias has the full (B, H, Nq, Nk) shape, else into an fp32 buffer
+  of that shape that the launcher sums over the broadcast dims (mode 3 only).
+* :func:`_attention_bwd_dkdv_kernel`: per key block, streams over query blocks: dk, dv.
+* :func:`_attention_bwd_table_kernel`: the table / biases gradient (modes 1 and 2), deterministic and atomic-free.
+  A program owns one head, one row offset (dy = yi - yj for tables, |s*yi - yj| for LeViT), one block of column
+  offsets and one chunk of the batch. For each pair of query-row / key-row x-blocks it recomputes dS tile by tile
+  for every query row yi paired with that offset and every batch element of its chunk, sums the tiles in a fixed
+  order, then folds the summed (BLOCK_X, BLOCK_X) tile into column-offset bins with a gather along each query
+  row. Partials (chunks, H, row offsets, column offsets) are summed over chunks by the launcher (a fixed-order
+  reduction). Nothing of size (B, H, Nq, Nk) exists at any point for modes 0-2.
+
+Launchers choose block sizes per shape in one small function per kernel (``_*_config``); ``report_specs`` lists
+every config they can pick.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkern.kernels._specs import REPORT_DTYPES, TRITON_DTYPES, KernelSpec
+
+BIAS_NONE, BIAS_REL_POS, BIAS_LEVIT, BIAS_DENSE = 0, 1, 2, 3
+BIAS_MODES = (BIAS_NONE, BIAS_REL_POS, BIAS_LEVIT, BIAS_DENSE)
+LOG2E = tl.constexpr(1.4426950408889634)
+MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
+SHORT_TOKENS = 16  # up to this many tokens a 16 x 16 tile holds the whole sequence
+LONG_TILE = 64
+MAX_HEAD_BLOCK = 128
+HEAD_COLUMNS_PER_WARP = 32
+BWD_HEAD_COLUMNS_PER_WARP = 16
+WIDE_TILE_MAX_HEAD = 32  # the forward's 64 x 64 tiles up to this head block
+HEAD_BLOCKS = (16, 32, 64, 128)
+NUM_STAGES = 2
+# Every launch lets ptxas use the whole register file: left to its own heuristics it caps some of these kernels at
+# 96-168 registers and spills a few bytes.
+MAX_REGISTERS = 255
+# The table-gradient kernel: x-blocks of TABLE_BLOCK_X tokens, column-offset bins in blocks of TABLE_BLOCK_G (2Ww - 1
+# or R bins in all), and enough batch chunks to give about TARGET_PROGRAMS programs.
+TABLE_BLOCK_X = 16
+TABLE_BLOCK_G = 64
+TABLE_NARROW_HEAD = 32  # head blocks up to this run the table kernel on 4 warps, wider ones on 8
+TARGET_PROGRAMS = 1024
+
+
+# --- shared device helpers --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols):
+    """Load ptr[rows, cols] (rows: (R, 1), cols: (1, C) token / feature indices), zero outside the bounds."""
+    mask = (rows < n_rows) & (cols < n_cols)
+    return tl.load(ptr + rows * stride_row + cols * stride_col, mask=mask, other=0.0)
+
+
+@triton.jit
+def _bias_tile(
+    bias_ptr,
+    qi,
+    kj,
+    mask,
+    stride_biasm,
+    stride_biasn,
+    q_grid_w,
+    k_grid_w,
+    q_step,
+    win_h,
+    BIAS_MODE: tl.constexpr,
+):
+    """bias[qi, kj] in fp32 for broadcastable index tensors qi (queries) and kj (keys); 0 where ~mask.
+
+    bias_ptr is already advanced to the program's (batch, head) (:func:`_bias_base`). Modes 1/2 address the table /
+    biases as ``index * stride_biasm``; mode 3 as ``qi * stride_biasm + kj * stride_biasn``. Query token i sits at
+    (i // q_grid_w, i % q_grid_w) * q_step, key token j at (j // k_grid_w, j % k_grid_w).
+    """
+    if BIAS_MODE == 3:
+        offs = qi * stride_biasm + kj * stride_biasn
+    else:
+        yi = (qi // q_grid_w) * q_step
+        xi = (qi % q_grid_w) * q_step
+        yj = kj // k_grid_w
+        xj = kj % k_grid_w
+        if BIAS_MODE == 1:
+            index = (yi - yj + win_h - 1) * (2 * k_grid_w - 1) + (xi - xj + k_grid_w - 1)
+        else:
+            index = tl.abs(yi - yj) * k_grid_w + tl.abs(xi - xj)
+        offs = index * stride_biasm
+    return tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _bias_base(bias_ptr, b, h, stride_biasb, stride_biash):
+    """bias_ptr advanced to batch b, head h (int64 scalars); tile offsets from there stay 32-bit."""
+    return bias_ptr + b * stride_biasb + h * stride_biash
+
+
+@triton.jit
+def _safe_lse2(lse_ptr, rows, n_rows):
+    """lse in base 2 for the query tokens ``rows``; 0 for rows whose every score is -inf (their P is 0 anyway)."""
+    lse = tl.load(lse_ptr + rows, mask=rows < n_rows, other=0.0)
+    return tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+
+
+# --- forward ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    out_ptr,
+    lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_biasb,
+    stride_biash,
+    stride_biasm,
+    stride_biasn,
+    H,
+    NQ,
+    NK,
+    D,
+    DV,
+    scale,
+    q_grid_w,
+    k_grid_w,
+    q_step,
+    win_h,
+    BIAS_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """out = softmax(scale * q @ k^T + bias) @ v and lse = logsumexp(scale * q @ k^T + bias) per query row.
+
+    Grid: (cdiv(NQ, BLOCK_M), B * H). q_ptr: (B, H, NQ, D), k_ptr: (B, H, NK, D), v_ptr: (B, H, NK, DV), any
+    strides; bias_ptr: see :func:`_bias_tile`; out_ptr: (B, H, NQ, DV) contiguous; lse_ptr: (B, H, NQ) fp32
+    contiguous. A row whose every score is -inf gets out = 0 and lse = -inf.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_ptr += b * stride_qb + h * stride_qh
+    k_ptr += b * stride_kb + h * stride_kh
+    v_ptr += b * stride_vb + h * stride_vh
+    bias_ptr = _bias_base(bias_ptr, b, h, stride_biasb, stride_biash)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(q_ptr, rows, offs_d[None, :], stride_qn, stride_qd, NQ, D)
+    qk_scale = scale * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start_n in range(0, NK, BLOCK_N):
+        kj = start_n + cols
+        keys = start_n + tl.arange(0, BLOCK_N)[:, None]
+        k = _load_tile(k_ptr, keys, offs_d[None, :], stride_kn, stride_kd, NK, D)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        if BIAS_MODE != 0:
+            s += LOG2E * _bias_tile(
+                bias_ptr, rows, kj, (rows < NQ) & (kj < NK), stride_biasm, stride_biasn,
+                q_grid_w, k_grid_w, q_step, win_h, BIAS_MODE,
+            )
+        s = tl.where(kj < NK, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_ptr, keys, offs_dv[None, :], stride_vn, stride_vd, NK, DV)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
+    out_ptrs = out_ptr + pid_bh * NQ * DV + rows * DV + offs_dv[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < NQ) & (offs_dv[None, :] < DV))
+    q_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(lse_ptr + pid_bh * NQ + q_rows, lse, mask=q_rows < NQ)
+
+
+# --- backward ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    dout_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    delta_ptr,
+    bias_ptr,
+    dq_ptr,
+    dbias_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_biasb,
+    stride_biash,
+    stride_biasm,
+    stride_biasn,
+    stride_dbiasb,
+    stride_dbiash,
+    stride_dbiasm,
+    stride_dbiasn,
+    H,
+    NQ,
+    NK,
+    D,
+    DV,
+    scale,
+    q_grid_w,
+    k_grid_w,
+    q_step,
+    win_h,
+    BIAS_MODE: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """delta = rowsum(dout * out), dq = scale * dS @ k with dS = P * (dout @ v^T - delta); with BIAS_GRAD (dense
+    bias) also dS itself into dbias.
+
+    Grid: (cdiv(NQ, BLOCK_M), B * H). dout_ptr, out_ptr: (B, H, NQ, DV) contiguous; q/k/v as in the forward;
+    lse_ptr, delta_ptr: (B, H, NQ) fp32 contiguous; dq_ptr: (B, H, NQ, D) contiguous; dbias_ptr: (B, H, NQ, NK)
+    through its strides.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_ptr += b * stride_qb + h * stride_qh
+    k_ptr += b * stride_kb + h * stride_kh
+    v_ptr += b * stride_vb + h * stride_vh
+    bias_ptr = _bias_base(bias_ptr, b, h, stride_biasb, stride_biash)
+    dbias_ptr += b * stride_dbiasb + h * stride_dbiash
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    offs_dv = tl.arange(0, BLOCK_DV)[None, :]
+    q = _load_tile(q_ptr, rows, offs_d, stride_qn, stride_qd, NQ, D)
+    do = _load_tile(dout_ptr + pid_bh * NQ * DV, rows, offs_dv, DV, 1, NQ, DV)
+    o = _load_tile(out_ptr + pid_bh * NQ * DV, rows, offs_dv, DV, 1, NQ, DV)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    q_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(delta_ptr + pid_bh * NQ + q_rows, delta, mask=q_rows < NQ)
+    lse2 = _safe_lse2(lse_ptr + pid_bh * NQ, q_rows, NQ)
+    qk_scale = scale * LOG2E
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, NK, BLOCK_N):
+        kj = start_n + cols
+        keys = start_n + tl.arange(0, BLOCK_N)[:, None]
+        mask = (rows < NQ) & (kj < NK)
+        k = _load_tile(k_ptr, keys, offs_d, stride_kn, stride_kd, NK, D)
+        v = _load_tile(v_ptr, keys, offs_dv, stride_vn, stride_vd, NK, DV)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        if BIAS_MODE != 0:
+            s += LOG2E * _bias_tile(
+                bias_ptr, rows, kj, mask, stride_biasm, stride_biasn,
+                q_grid_w, k_grid_w, q_step, win_h, BIAS_MODE,
+            )
+        p = tl.where(mask, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        if BIAS_GRAD:
+            dbias_ptrs = dbias_ptr + rows * stride_dbiasm + kj * stride_dbiasn
+            tl.store(dbias_ptrs, ds.to(dbias_ptr.dtype.element_ty), mask=mask)
+    dq_ptrs = dq_ptr + pid_bh * NQ * D + rows * D + offs_d
+    tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=(rows < NQ) & (offs_d < D))
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    dout_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lse_ptr,
+    delta_ptr,
+    bias_ptr,
+    dk_ptr,
+    dv_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_biasb,
+    stride_biash,
+    stride_biasm,
+    stride_biasn,
+    H,
+    NQ,
+    NK,
+    D,
+    DV,
+    scale,
+    q_grid_w,
+    k_grid_w,
+    q_step,
+    win_h,
+    BIAS_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """dv = P^T @ dout and dk = scale * dS^T @ q for one key block, streaming over query blocks (in the transposed
+    orientation: tiles are (BLOCK_N keys, BLOCK_M queries)).
+
+    Grid: (cdiv(NK, BLOCK_N), B * H). Pointers as in :func:`_attention_bwd_dq_kernel`; dk_ptr: (B, H, NK, D),
+    dv_ptr: (B, H, NK, DV), both contiguous.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_ptr += b * stride_qb + h * stride_qh
+    k_ptr += b * stride_kb + h * stride_kh
+    v_ptr += b * stride_vb + h * stride_vh
+    bias_ptr = _bias_base(bias_ptr, b, h, stride_biasb, stride_biash)
+    dout_ptr += pid_bh * NQ * DV
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_tile(k_ptr, keys, offs_d[None, :], stride_kn, stride_kd, NK, D)
+    v = _load_tile(v_ptr, keys, offs_dv[None, :], stride_vn, stride_vd, NK, DV)
+    qk_scale = scale * LOG2E
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for start_m in range(0, NQ, BLOCK_M):
+        q_rows = start_m + tl.arange(0, BLOCK_M)
+        qi = q_rows[None, :]
+        mask = (qi < NQ) & (keys < NK)
+        q_t = _load_tile(q_ptr, offs_d[:, None], qi, stride_qd, stride_qn, D, NQ)
+        do = _load_tile(dout_ptr, q_rows[:, None], offs_dv[None, :], DV, 1, NQ, DV)
+        lse2 = _safe_lse2(lse_ptr + pid_bh * NQ, q_rows, NQ)
+        delta = tl.load(delta_ptr + pid_bh * NQ + q_rows, mask=q_rows < NQ, other=0.0)
+        s_t = tl.dot(k, q_t, input_precision="ieee") * qk_scale
+        if BIAS_MODE != 0:
+            s_t += LOG2E * _bias_tile(
+                bias_ptr, qi, keys, mask, stride_biasm, stride_biasn,
+                q_grid_w, k_grid_w, q_step, win_h, BIAS_MODE,
+            )
+        p_t = tl.where(mask, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
+        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision="ieee")
+    tl.store(dk_ptr + pid_bh * NK * D + keys * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=(keys < NK) & (offs_d[None, :] < D))
+    tl.store(dv_ptr + pid_bh * NK * DV + keys * DV + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=(keys < NK) & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _attention_bwd_table_kernel(
+    dout_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    lse_ptr,
+    delta_ptr,
+    bias_ptr,
+    partial_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_biash,
+    stride_biasm,
+    B,
+    H,
+    NQ,
+    NK,
+    D,
+    DV,
+    scale,
+    q_grid_w,
+    k_grid_w,
+    q_step,
+    win_h,
+    q_grid_h,
+    k_grid_h,
+    num_bins,
+    batch_per_chunk,
+    BIAS_MODE: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """Partial table / biases gradient: the sum of dS over every (b, i, j) whose bias entry is one row offset and one
+    block of column offsets, for one head and one chunk of the batch.
+
+    Grid: (H, row offsets, column-offset blocks * batch chunks). Row offsets are dy + Wh - 1 (2Wh - 1 of them) for
+    tables, |s*yi - yj| (R of them) for LeViT; column offsets likewise (num_bins = 2Ww - 1 or R). partial_ptr:
+    (chunks, H, row offsets, num_bins) fp32 contiguous; the table entry of (row offset r, column offset g) is
+    r * num_bins + g in both modes. Other pointers as in :func:`_attention_bwd_dkdv_kernel`.
+    """
+    h = tl.program_id(0).to(tl.int64)
+    pid_dy = tl.program_id(1)
+    num_g_blocks = tl.cdiv(num_bins, BLOCK_G)
+    pid_chunk = tl.program_id(2) // num_g_blocks
+    g0 = (tl.program_id(2) % num_g_blocks) * BLOCK_G
+    b_lo = pid_chunk * batch_per_chunk
+    b_hi = tl.minimum(B, b_lo + batch_per_chunk)
+    if BIAS_MODE == 1:
+        dy = pid_dy - (win_h - 1)
+        t_lo = tl.maximum(0, dy)
+        t_hi = tl.minimum(q_grid_h, q_grid_h + dy)
+    else:
+        # query rows yq pair with key rows s*yq + dy (the first n_plus of them) and s*yq - dy (yq >= yq_minus)
+        n_plus = tl.minimum(q_grid_h, (k_grid_h - 1 - pid_dy) // q_step + 1)
+        yq_minus = (pid_dy + q_step - 1) // q_step
+        n_minus = tl.where(pid_dy > 0, tl.maximum(0, q_grid_h - yq_minus), 0)
+        t_lo = 0
+        t_hi = n_plus + n_minus
+    ax = tl.arange(0, BLOCK_X)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_g = g0 + tl.arange(0, BLOCK_G)[None, :]
+    bias_base = bias_ptr + h * stride_biash
+    qk_scale = scale * LOG2E
+    acc = tl.zeros([BLOCK_G], tl.float32)
+    for xq0 in range(0, q_grid_w, BLOCK_X):
+        for xk0 in range(0, k_grid_w, BLOCK_X):
+            # signed column offsets x_q - x_k this block pair covers, and the bins they fall in
+            lo = xq0 * q_step - (xk0 + BLOCK_X - 1)
+            hi = (xq0 + BLOCK_X - 1) * q_step - xk0
+            if BIAS_MODE == 1:
+                bin_lo = lo + k_grid_w - 1
+                bin_hi = hi + k_grid_w - 1
+            else:
+                bin_lo = tl.where((lo <= 0) & (hi >= 0), 0, tl.minimum(tl.abs(lo), tl.abs(hi)))
+                bin_hi = tl.maximum(tl.abs(lo), tl.abs(hi))
+            if (bin_lo < g0 + BLOCK_G) & (bin_hi >= g0):
+                ds_sum = tl.zeros([BLOCK_X, BLOCK_X], tl.float32)
+                for bb in range(b_lo, b_hi):
+                    base_q = q_ptr + bb * stride_qb + h * stride_qh
+                    base_k = k_ptr + bb * stride_kb + h * stride_kh
+                    base_v = v_ptr + bb * stride_vb + h * stride_vh
+                    bh = bb * H + h
+                    for t in range(t_lo, t_hi):
+                        if BIAS_MODE == 1:
+                            yq = t
+                            yk = t - dy
+                        else:
+                            yq = tl.where(t < n_plus, t, yq_minus + t - n_plus)
+                            yk = tl.where(t < n_plus, yq * q_step + pid_dy, yq * q_step - pid_dy)
+                        q_rows = yq * q_grid_w + xq0 + ax
+                        q_ok = xq0 + ax < q_grid_w
+                        k_rows = yk * k_grid_w + xk0 + ax
+                        k_ok = xk0 + ax < k_grid_w
+                        qi = q_rows[:, None]
+                        kj = k_rows[None, :]
+                        mask = q_ok[:, None] & k_ok[None, :]
+                        q = tl.load(base_q + qi * stride_qn + offs_d[None, :] * stride_qd,
+                                    mask=q_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                        do = tl.load(dout_ptr + bh * NQ * DV + qi * DV + offs_dv[None, :],
+                                     mask=q_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                        k = tl.load(base_k + k_rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                                    mask=k_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                        v = tl.load(base_v + k_rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                                    mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                        lse2 = _safe_lse2(lse_ptr + bh * NQ, q_rows, NQ)
+                        delta = tl.load(delta_ptr + bh * NQ + q_rows, mask=q_ok, other=0.0)
+                        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+                        s += LOG2E * _bias_tile(
+                            bias_base, qi, kj, mask, stride_biasm, 0,
+                            q_grid_w, k_grid_w, q_step, win_h, BIAS_MODE,
+                        )
+                        p = tl.where(mask, tl.math.exp2(s - lse2[:, None]), 0.0)
+                        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                        ds_sum += p * (dp - delta[:, None])
+                # fold the summed tile into bins: row a of the tile holds query x = xq0 + a; the key column c that
+                # lands in bin g is found per row, and gathered
+                xq = (xq0 + ax[:, None]) * q_step
+                if BIAS_MODE == 1:
+                    c = xq - (offs_g - (k_grid_w - 1)) - xk0
+                    hit = (c >= 0) & (c < BLOCK_X) & (offs_g < num_bins)
+                    fold = tl.where(hit, tl.gather(ds_sum, tl.where(hit, c, 0), 1), 0.0)
+                else:
+                    c_lo = xq - offs_g - xk0
+                    c_hi = xq + offs_g - xk0
+                    hit_lo = (c_lo >= 0) & (c_lo < BLOCK_X) & (offs_g < num_bins)
+                    hit_hi = (c_hi >= 0) & (c_hi < BLOCK_X) & (offs_g < num_bins) & (offs_g > 0)
+                    fold = tl.where(hit_lo, tl.gather(ds_sum, tl.where(hit_lo, c_lo, 0), 1), 0.0)
+                    fold += tl.where(hit_hi, tl.gather(ds_sum, tl.where(hit_hi, c_hi, 0), 1), 0.0)
+                acc += tl.sum(fold, 0)
+    num_dy = tl.num_programs(1)
+    out_g = g0 + tl.arange(0, BLOCK_G)
+    out_offs = ((pid_chunk * H + h) * num_dy + pid_dy) * num_bins + out_g
+    tl.store(partial_ptr + out_offs, acc, mask=out_g < num_bins)
+
+
+# --- launchers --------------------------------------------------------------------------------------------------
+
+
+def _head_block(d: int, dv: int) -> int:
+    """BLOCK_D = BLOCK_DV: the power of two >= 16 covering both head dims. One size for both bounds the number of
+    configs (LeViT's 16/64 pads q and k to 64 columns: masked loads, extra MMA work on zeros only)."""
+    return max(MIN_BLOCK, triton.next_power_of_2(max(d, dv)))
+
+
+def _fwd_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[str, int]:
+    """Block sizes and warps of :func:`_attention_fwd_kernel`. A 16 x 16 tile holds a whole short sequence
+    (LeViT's 16 tokens), one warp per 32 head columns; longer sequences take 64 x 64 tiles on 8 warps for head dims
+    up to 32 (CoAtNet, Swin, LeViT keys) and 32 x 32 tiles on 4 warps for wider heads. fp32 keeps 16 x 16 tiles:
+    its dots run exact ("ieee", on FMA units), which only small tiles afford without spilling."""
+    block = _head_block(d, dv)
+    if dtype == torch.float32 or max(nq, nk) <= SHORT_TOKENS:
+        tile, warps = MIN_BLOCK, max(1, block // HEAD_COLUMNS_PER_WARP)
+    elif block <= WIDE_TILE_MAX_HEAD:
+        tile, warps = LONG_TILE, 8
+    else:
+        tile, warps = LONG_TILE // 2, 4
+    return {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
+
+
+def _bwd_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[str, int]:
+    """Block sizes and warps of :func:`_attention_bwd_dq_kernel` and :func:`_attention_bwd_dkdv_kernel` (the same
+    tiles, transposed). The backward holds four score-sized tiles (S, P, dP, dS) and two accumulators: short
+    sequences and fp32 take 16 x 16 tiles with one warp per 16 head columns (at least 2), long ones 32 x 32 tiles
+    on 4 warps (8 for 128-wide heads)."""
+    block = _head_block(d, dv)
+    if dtype == torch.float32 or max(nq, nk) <= SHORT_TOKENS:
+        tile, warps = MIN_BLOCK, max(2, block // BWD_HEAD_COLUMNS_PER_WARP)
+    else:
+        tile, warps = LONG_TILE // 2, 4 if block < MAX_HEAD_BLOCK else 8
+    return {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
+
+
+def _table_config(d: int, dv: int) -> dict[str, int]:
+    """Block sizes, warps and stages of :func:`_attention_bwd_table_kernel`. One BLOCK_G for every table: the bins
+    are folded once per x-block pair, not per tile, so a wide block costs little. No software pipelining: the
+    inner loop's loads are small and the prefetch buffers would spill."""
+    block = _head_block(d, dv)
+    return {
+        "BLOCK_X": TABLE_BLOCK_X,
+        "BLOCK_G": TABLE_BLOCK_G,
+        "BLOCK_D": block,
+        "BLOCK_DV": block,
+        "num_warps": 4 if block <= TABLE_NARROW_HEAD else 8,
+        "num_stages": 1,
+    }
+
+
+def _geometry(bias_mode: int, geometry: list[int]) -> dict[str, int]:
+    """Token grids of the bias modes: query / key grid widths and heights, the query step on the key grid, the
+    window height, and the row / column offset counts of the table gradient."""
+    if bias_mode == BIAS_REL_POS:
+        wh, ww = geometry
+        return {"q_grid_w": ww, "k_grid_w": ww, "q_step": 1, "win_h": wh, "q_grid_h": wh, "k_grid_h": wh,
+                "num_dy": 2 * wh - 1, "num_bins": 2 * ww - 1}
+    if bias_mode == BIAS_LEVIT:
+        res, stride = geometry
+        res_q = (res - 1) // stride + 1
+        return {"q_grid_w": res_q, "k_grid_w": res, "q_step": stride, "win_h": res, "q_grid_h": res_q,
+                "k_grid_h": res, "num_dy": res, "num_bins": res}
+    return {"q_grid_w": 1, "k_grid_w": 1, "q_step": 1, "win_h": 1, "q_grid_h": 1, "k_grid_h": 1,
+            "num_dy": 1, "num_bins": 1}
+
+
+def _bias_strides(bias: torch.Tensor | None, bias_mode: int) -> tuple[int, int, int, int]:
+    """(stride_biasb, stride_biash, stride_biasm, stride_biasn) as :func:`_bias_tile` reads them."""
+    if bias_mode == BIAS_REL_POS:
+        return 0, bias.stride(1), bias.stride(0), 0
+    if bias_mode == BIAS_LEVIT:
+        return 0, bias.stride(0), bias.stride(1), 0
+    if bias_mode == BIAS_DENSE:
+        return tuple(0 if size == 1 else stride for size, stride in zip(bias.shape, bias.stride()))
+    return 0, 0, 0, 0
+
+
+def _grid_args(bias_mode: int, geometry: list[int]) -> tuple[int, int, int, int]:
+    geo = _geometry(bias_mode, geometry)
+    return geo["q_grid_w"], geo["k_grid_w"], geo["q_step"], geo["win_h"]
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    bias_mode: int,
+    geometry: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) through their strides; bias per ``bias_mode``
+    (module docstring). Returns out (B, H, Nq, Dv) contiguous in q's dtype and lse (B, H, Nq) fp32."""
+    batch, heads, nq, d = q.shape
+    nk, dv = k.shape[2], v.shape[3]
+    out = torch.empty((batch, heads, nq, dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
+    config = _fwd_config(nq, nk, d, dv, q.dtype)
+    grid = (triton.cdiv(nq, config["BLOCK_M"]), batch * heads)
+    _attention_fwd_kernel[grid](
+        q, k, v, q if bias is None else bias, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias, bias_mode),
+        heads, nq, nk, d, dv, scale, *_grid_args(bias_mode, geometry),
+        BIAS_MODE=bias_mode, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **config,
+    )
+    return out, lse
+
+
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None,
+    bias_mode: int,
+    geometry: list[int],
+    scale: float,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: dout and out (B, H, Nq, Dv) contiguous, lse (B, H, Nq) from :func:`attention_fwd`, the rest as
+    there. Returns dq, dk, dv (contiguous, in q's dtype) and dbias in the bias's own shape and dtype (reduced over
+    broadcast dims for a dense bias), an empty tensor unless ``bias_grad``."""
+    batch, heads, nq, d = q.shape
+    nk, dv_dim = k.shape[2], v.shape[3]
+    dout = dout.contiguous()
+    out = out.contiguous()
+    dq = torch.empty((batch, heads, nq, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((batch, heads, nk, d), dtype=q.dtype, device=q.device)
+    dv = torch.empty((batch, heads, nk, dv_dim), dtype=q.dtype, device=q.device)
+    delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
+    bias_arg = q if bias is None else bias
+    bias_strides = _bias_strides(bias, bias_mode)
+    grid_args = _grid_args(bias_mode, geometry)
+    config = _bwd_config(nq, nk, d, dv_dim, q.dtype)
+    dense_grad = bias_grad and bias_mode == BIAS_DENSE
+    full_shape = (batch, heads, nq, nk)
+    ds_target = delta
+    if dense_grad:
+        # a bias of the full shape takes dS directly; a broadcast one needs dS summed over its broadcast dims
+        same_shape = tuple(bias.shape) == full_shape
+        ds_target = torch.empty(full_shape, dtype=bias.dtype if same_shape else torch.float32, device=q.device)
+    _attention_bwd_dq_kernel[(triton.cdiv(nq, config["BLOCK_M"]), batch * heads)](
+        dout, q, k, v, out, lse, delta, bias_arg, dq, ds_target,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides,
+        *(ds_target.stride() if dense_grad else (0, 0, 0, 0)),
+        heads, nq, nk, d, dv_dim, scale, *grid_args,
+        BIAS_MODE=bias_mode, BIAS_GRAD=dense_grad, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **config,
+    )
+    _attention_bwd_dkdv_kernel[(triton.cdiv(nk, config["BLOCK_N"]), batch * heads)](
+        dout, q, k, v, lse, delta, bias_arg, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides,
+        heads, nq, nk, d, dv_dim, scale, *grid_args,
+        BIAS_MODE=bias_mode, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **config,
+    )
+    if not bias_grad:
+        dbias = q.new_empty(0)
+    elif dense_grad:
+        reduce_dims = [dim for dim in range(4) if bias.shape[dim] == 1 and full_shape[dim] != 1]
+        dbias = ds_target.sum(reduce_dims, keepdim=True).to(bias.dtype) if reduce_dims else ds_target
+    else:
+        dbias = _table_grad(dout, q, k, v, lse, delta, bias, bias_mode, geometry, scale)
+    return dq, dk, dv, dbias
+
+
+def _table_grad(dout, q, k, v, lse, delta, bias, bias_mode, geometry, scale):
+    """The table (mode 1) or biases (mode 2) gradient through :func:`_attention_bwd_table_kernel`, in the bias's
+    shape and dtype."""
+    batch, heads, nq, d = q.shape
+    nk, dv = k.shape[2], v.shape[3]
+    geo = _geometry(bias_mode, geometry)
+    config = _table_config(d, dv)
+    g_blocks = triton.cdiv(geo["num_bins"], config["BLOCK_G"])
+    programs = heads * geo["num_dy"] * g_blocks
+    batch_per_chunk = triton.cdiv(batch, min(batch, triton.cdiv(TARGET_PROGRAMS, programs)))
+    chunks = triton.cdiv(batch, batch_per_chunk)
+    partial = torch.empty((chunks, heads, geo["num_dy"], geo["num_bins"]), dtype=torch.float32, device=q.device)
+    _attention_bwd_table_kernel[(heads, geo["num_dy"], g_blocks * chunks)](
+        dout, q, k, v, lse, delta, bias, partial,
+        *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias, bias_mode)[1:3],
+        batch, heads, nq, nk, d, dv, scale,
+        geo["q_grid_w"], geo["k_grid_w"], geo["q_step"], geo["win_h"], geo["q_grid_h"], geo["k_grid_h"],
+        geo["num_bins"], batch_per_chunk,
+        BIAS_MODE=bias_mode, maxnreg=MAX_REGISTERS, **config,
+    )
+    grad = (partial.sum(0) if chunks > 1 else partial[0]).reshape(heads, -1)
+    if bias_mode == BIAS_REL_POS:
+        grad = grad.t()
+    return grad.to(bias.dtype).contiguous()
+
+
+# --- kernel report ----------------------------------------------------------------------------------------------
+
+_FP32_POINTERS = ("lse_ptr", "delta_ptr", "partial_ptr")
+
+
+def _signature(fn, dtype_name: str, constexprs: dict) -> dict[str, str]:
+    """Triton types of ``fn``'s runtime arguments: fp32 pointers for lse / delta / partials, the data dtype for the
+    other pointers, fp32 for the scale, i32 for sizes and strides."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            continue
+        if name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{dtype_name}"
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+    return signature
+
+
+def _spec(name, fn, dtype, constexprs, num_warps, num_stages=NUM_STAGES):
+    dtype_name = TRITON_DTYPES[dtype]
+    return KernelSpec(name=name, fn=fn, signature=_signature(fn, dtype_name, constexprs), constexprs=constexprs,
+                      num_warps=num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS, meta={"dtype": dtype_name})
+
+
+def _configs(config_fn, block: int, dtype: torch.dtype) -> list[dict[str, int]]:
+    """The distinct configs ``config_fn`` picks for head block ``block`` over short and long sequences."""
+    picked = {tuple(config_fn(tokens, tokens, block, block, dtype).items()) for tokens in (1, LONG_TILE)}
+    return [dict(config) for config in sorted(picked)]
+
+
+def report_specs() -> list[KernelSpec]:
+    """Every kernel in every config the launchers can pick, for fp32, fp16 and bf16 and every bias mode."""
+    specs = []
+    for dtype, block, mode in itertools.product(REPORT_DTYPES, HEAD_BLOCKS, BIAS_MODES):
+        tag = f"mode{mode}_{TRITON_DTYPES[dtype]}_d{block}"
+        for config in _configs(_fwd_config, block, dtype):
+            warps = config.pop("num_warps")
+            specs.append(_spec(f"attention_fwd_{tag}_t{config['BLOCK_M']}", _attention_fwd_kernel, dtype,
+                               {"BIAS_MODE": mode, **config}, warps))
+        for config in _configs(_bwd_config, block, dtype):
+            warps = config.pop("num_warps")
+            specs.append(_spec(f"attention_bwd_dkdv_{tag}_t{config['BLOCK_M']}", _attention_bwd_dkdv_kernel, dtype,
+                               {"BIAS_MODE": mode, **config}, warps))
+            for bias_grad in (False, True) if mode == BIAS_DENSE else (False,):
+                specs.append(_spec(f"attention_bwd_dq_{tag}_t{config['BLOCK_M']}_grad{int(bias_grad)}",
+                                   _attention_bwd_dq_kernel, dtype,
+                                   {"BIAS_MODE": mode, "BIAS_GRAD": bias_grad, **config}, warps))
+        if mode in (BIAS_REL_POS, BIAS_LEVIT):
+            config = _table_config(block, block)
+            warps, stages = config.pop("num_warps"), config.pop("num_stages")
+            specs.append(_spec(f"attention_bwd_table_{tag}", _attention_bwd_table_kernel, dtype,
+                               {"BIAS_MODE": mode, **config}, warps, stages))
+    return specs
