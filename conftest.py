@@ -1,4 +1,4 @@
-"""Benchmark set-up: on a machine without a CUDA device, run Triton kernels under its interpreter.
+"""Test and benchmark set-up: on a machine without a CUDA device, run Triton kernels under its interpreter.
 
 TRITON_INTERPRET must be set before triton is first imported, so this runs at conftest import time.
 """
