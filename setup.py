@@ -90,7 +90,7 @@ setup(
     python_requires=">=3.10",
     packages=[*find_packages(include=["vitkern", "vitkern.*"]), "vitkern.kernels"],
     package_dir={"vitkern.kernels": "kernels"},
-    install_requires=["torch>=2.6", "triton>=3.2", "einops>=0.7"],
+    install_requires=["torch>=2.6", "triton>=3.2"],
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "numpy"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -54,8 +54,11 @@ def _check(op, ref_op, tensors, names, **kwargs):
     dtype = tensors[0].dtype
     batch, heads, nq, _ = tensors[0].shape
     dout = torch.randn(batch, heads, nq, tensors[2].shape[-1], device=DEVICE)
+    originals = [t.clone() for t in tensors]
     with vitkern.backend("triton"):
         out, grads = _run(op, tensors, dout.to(dtype), **kwargs)
+    for name, tensor, original in zip(names, tensors, originals):
+        assert torch.equal(tensor, original), f"{name} was modified in place"
     ref_out, ref_grads = _run(ref_op, [t.float() for t in tensors], dout, **kwargs)
     same_out, same_grads = (None, [None] * len(tensors))
     if dtype != torch.float32:

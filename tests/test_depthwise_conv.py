@@ -249,6 +249,29 @@ def test_fp16(backend, kernel, stride, layout):
     check_op(backend, inputs, stride=stride, activation="gelu")
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_vectors(backend):
+    """bias, scale and shift given as strided views (the columns of one (C, 3) tensor), forward and gradients."""
+    inputs = make_inputs((2, 3, 8, 9), (3, 3))
+    x, weight = inputs["x"], inputs["weight"]
+    columns = torch.randn(3, 3, device=DEVICE)
+    dy = torch.randn(2, 3, 8, 9, device=DEVICE)
+    results = []
+    for run_backend in (backend, None):
+        leaf = columns.clone().requires_grad_()
+        bias, scale, shift = leaf.unbind(1)
+        if run_backend is None:
+            y = expected_conv(x, weight, bias, 1, "same", 1, "gelu", scale, shift, None)
+        else:
+            with vitkern.backend(run_backend):
+                y = vitkern.ops.depthwise_conv2d(x, weight, bias, activation="gelu", scale=scale, shift=shift)
+        y.backward(dy)
+        results.append((y.detach(), leaf.grad))
+    (y, grad), (expected, expected_grad) = results
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gradients_deterministic(backend, layout):

@@ -50,6 +50,12 @@ def test_unknown_name_raises_value_error_naming_it():
         create_model("vit_gigantic")
 
 
+@pytest.mark.parametrize("name", [["deit_tiny_patch16_224"], None, 3])
+def test_non_string_name_raises_type_error_naming_it(name):
+    with pytest.raises(TypeError, match="name: expected a str"):
+        create_model(name)
+
+
 def test_registering_a_name_twice_raises():
     def deit_tiny_patch16_224(num_classes: int = 1000) -> nn.Module:
         return nn.Identity()

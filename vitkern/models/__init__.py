@@ -39,6 +39,8 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def create_model(name: str, num_classes: int = 1000, img_size: int | None = None, **kwargs) -> nn.Module:
     """Build the named configuration. ``img_size`` None takes the configuration's native resolution."""
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str, got {type(name).__name__}")
     _load_families()
     if name not in _REGISTRY:
         raise ValueError(f"name: expected one of list_models(), got {name!r}")

@@ -144,9 +144,7 @@ def depthwise_conv2d(
     y, _ = torch.ops.vitkern.depthwise_conv2d(
         x.contiguous(memory_format=fmt),
         weight.contiguous(),
-        bias,
-        scale,
-        shift,
+        *(None if vec is None else vec.contiguous() for vec in (bias, scale, shift)),
         None if residual is None else residual.contiguous(memory_format=fmt),
         list(stride),
         pads,
