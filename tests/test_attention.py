@@ -13,12 +13,11 @@ import itertools
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import vitkern
 from vitkern import reference
 from vitkern.kernels import attention as kernels
-from vitkern.testing import assert_close
+from vitkern.testing import assert_close, large_allocations
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -256,14 +255,6 @@ def test_table_gradient_is_bitwise_deterministic(mode):
     assert torch.equal(first, second)
 
 
-def _large_allocations(fn, threshold_bytes):
-    """Run fn() (forward and backward) under the profiler and return every op that allocated at least
-    ``threshold_bytes`` itself."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return [(e.name, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage >= threshold_bytes]
-
-
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the profiler's allocation records are taken on CPU tensors")
 @pytest.mark.parametrize("mode", ["rel_pos", "levit"])
 def test_fused_paths_never_allocate_a_score_matrix(mode):
@@ -290,9 +281,9 @@ def test_fused_paths_never_allocate_a_score_matrix(mode):
     threshold = batch * heads * q.shape[2] * k.shape[2] * 4
     dout = torch.randn(batch, heads, q.shape[2], v.shape[3])
     with vitkern.backend("triton"):
-        assert _large_allocations(lambda: _run(op, tensors, dout), threshold) == []
+        assert large_allocations(lambda: _run(op, tensors, dout), threshold) == []
     with vitkern.backend("eager"):
-        assert _large_allocations(lambda: _run(op, tensors, dout), threshold) != []
+        assert large_allocations(lambda: _run(op, tensors, dout), threshold) != []
 
 
 # --- custom ops -------------------------------------------------------------------------------------------------

@@ -244,16 +244,16 @@ def test_reset_classifier_and_features(family):
 def test_convmixer_eval_block_is_one_fused_call(monkeypatch):
     """In eval mode off ``eager`` the depthwise block is one op call carrying the folded BatchNorm and the
     residual; in train mode the BatchNorm stays outside."""
-    from vitkern.models import convmixer
+    from vitkern.models import _layers
 
     calls = []
-    original = convmixer.depthwise_conv2d
+    original = _layers.depthwise_conv2d
 
     def recording(*args, **kwargs):
         calls.append(kwargs)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(convmixer, "depthwise_conv2d", recording)
+    monkeypatch.setattr(_layers, "depthwise_conv2d", recording)
     model, img = small_model("convmixer")
     x = torch.randn(BATCH, 3, img, img)
     with torch.no_grad():

@@ -7,7 +7,10 @@ PyTorch reference against that fp32 reference, plus a small atol.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 FP32_TOL = 1e-4
 LOWP_FACTOR = 2.0
@@ -47,3 +50,11 @@ def assert_close(
             f"{name}: max error {err:.3e} against the fp32 reference exceeds {LOWP_FACTOR}x the {actual.dtype} "
             f"reference's error {ref_err:.3e} + atol {LOWP_ATOL[actual.dtype]:.0e} (= {bound:.3e})"
         )
+
+
+def large_allocations(fn: Callable[[], object], threshold_bytes: int) -> list[tuple[str, int]]:
+    """Run ``fn()`` on CPU tensors under the profiler and return (op name, bytes) for every op that allocated at
+    least ``threshold_bytes`` itself: the check that a fused path never materialises a score matrix."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [(e.name, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage >= threshold_bytes]

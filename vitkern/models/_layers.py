@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitkern._backend import current_backend
+from vitkern.ops.depthwise_conv import depthwise_conv2d
 
 INIT_STD = 0.02
 LN_EPS = 1e-6
@@ -364,3 +365,52 @@ class ClassTokenModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
+
+
+# --- depthwise convolution with BatchNorm (ConvMixer, CvT, CoAtNet) ---------------------------------------------
+
+
+def bn_uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """Whether ``bn`` normalises with the batch's statistics (training, or no running statistics kept)."""
+    return bn.training or bn.running_mean is None
+
+
+def fold_batchnorm(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (C,), with ``bn(z) == z * scale + shift`` for an inference-mode BatchNorm.
+
+    Differentiable in ``bn.weight`` and ``bn.bias``, so training through the folded form updates them.
+    """
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.weight is not None:
+        scale = scale * bn.weight
+        shift = shift * bn.weight
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def depthwise_act_bn(
+    x: torch.Tensor,
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``bn(act(conv(x))) (+ residual)`` for a depthwise ``conv`` on :func:`vitkern.ops.depthwise_conv2d`.
+
+    When ``bn`` normalises with its running statistics (eval mode) this is one op call, the BatchNorm folded into
+    the epilogue's scale and shift and the residual added in the same pass; otherwise the conv and activation are
+    fused and BatchNorm (batch statistics) and the residual follow. Parameters are cast to x's dtype (autocast).
+    x: (B, C, H, W) -> (B, C, H', W').
+    """
+    weight = conv.weight.to(x.dtype)
+    bias = None if conv.bias is None else conv.bias.to(x.dtype)
+    if bn_uses_batch_stats(bn):
+        y = bn(depthwise_conv2d(x, weight, bias, conv.stride, conv.padding, activation=activation))
+        return y if residual is None else y + residual
+    scale, shift = fold_batchnorm(bn)
+    return depthwise_conv2d(
+        x, weight, bias, conv.stride, conv.padding, activation=activation, scale=scale.to(x.dtype),
+        shift=shift.to(x.dtype), residual=residual,
+    )

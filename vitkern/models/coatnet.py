@@ -35,8 +35,7 @@ import torch.nn.functional as F
 
 from vitkern._backend import current_backend
 from vitkern.models import register_model
-from vitkern.models._layers import Mlp, check_image_size, to_pair
-from vitkern.models.convmixer import bn_uses_batch_stats, fold_batchnorm
+from vitkern.models._layers import Mlp, bn_uses_batch_stats, check_image_size, fold_batchnorm, to_pair
 from vitkern.nn.attention import RelPosAttention
 from vitkern.ops.depthwise_conv import depthwise_conv2d
 

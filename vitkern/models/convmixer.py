@@ -21,55 +21,9 @@ import torch.nn as nn
 
 from vitkern._backend import current_backend
 from vitkern.models import register_model
-from vitkern.ops.depthwise_conv import depthwise_conv2d
+from vitkern.models._layers import depthwise_act_bn, make_head
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
-
-
-def bn_uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
-    """Whether ``bn`` normalises with the batch's statistics (training, or no running statistics kept)."""
-    return bn.training or bn.running_mean is None
-
-
-def fold_batchnorm(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift), each (C,), with ``bn(z) == z * scale + shift`` for an inference-mode BatchNorm.
-
-    Differentiable in ``bn.weight`` and ``bn.bias``, so training through the folded form updates them.
-    """
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    shift = -bn.running_mean * scale
-    if bn.weight is not None:
-        scale = scale * bn.weight
-        shift = shift * bn.weight
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return scale, shift
-
-
-def depthwise_act_bn(
-    x: torch.Tensor,
-    conv: nn.Conv2d,
-    bn: nn.BatchNorm2d,
-    activation: str | None = None,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``bn(act(conv(x))) (+ residual)`` for a depthwise ``conv`` on :func:`vitkern.ops.depthwise_conv2d`.
-
-    When ``bn`` normalises with its running statistics (eval mode) this is one op call, the BatchNorm folded into
-    the epilogue's scale and shift and the residual added in the same pass; otherwise the conv and activation are
-    fused and BatchNorm (batch statistics) and the residual follow. Parameters are cast to x's dtype (autocast).
-    x: (B, C, H, W) -> (B, C, H', W').
-    """
-    weight = conv.weight.to(x.dtype)
-    bias = None if conv.bias is None else conv.bias.to(x.dtype)
-    if bn_uses_batch_stats(bn):
-        y = bn(depthwise_conv2d(x, weight, bias, conv.stride, conv.padding, activation=activation))
-        return y if residual is None else y + residual
-    scale, shift = fold_batchnorm(bn)
-    return depthwise_conv2d(
-        x, weight, bias, conv.stride, conv.padding, activation=activation, scale=scale.to(x.dtype),
-        shift=shift.to(x.dtype), residual=residual,
-    )
 
 
 class PatchEmbeddings(nn.Module):
@@ -141,12 +95,12 @@ class ConvMixer(nn.Module):
         self.patch_emb = PatchEmbeddings(dim, patch_size, in_chans, activation)
         self.blocks = nn.Sequential(*[ConvMixerLayer(dim, kernel_size, activation) for _ in range(depth)])
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = make_head(dim, num_classes)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a fresh one for ``num_classes`` (0: no classifier, features out)."""
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = make_head(self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, dim, H / p, W / p)."""

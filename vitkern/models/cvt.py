@@ -25,8 +25,15 @@ import torch.nn as nn
 
 from vitkern._backend import current_backend
 from vitkern.models import register_model
-from vitkern.models._layers import Mlp, init_weights, make_head, merge_heads, scaled_dot_product, split_heads
-from vitkern.models.convmixer import depthwise_act_bn
+from vitkern.models._layers import (
+    Mlp,
+    depthwise_act_bn,
+    init_weights,
+    make_head,
+    merge_heads,
+    scaled_dot_product,
+    split_heads,
+)
 
 PROJ_KERNEL = 3
 CLS_STD = 0.02
