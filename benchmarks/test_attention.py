@@ -222,6 +222,22 @@ def record_flops(benchmark, case: Case, backward: bool) -> None:
         benchmark.extra_info["fraction_of_peak"] = achieved / peak
 
 
+def make_runner(fn, inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor, backward: bool):
+    """One timed step: ``fn(q, k, v, bias)``, and with ``backward`` the gradients of all four; synchronised on CUDA."""
+
+    def run() -> None:
+        for t in inputs:
+            t.grad = None
+        with torch.set_grad_enabled(backward):
+            out = fn(*inputs)
+            if backward:
+                out.backward(grad_out)
+        if ON_CUDA:
+            torch.cuda.synchronize()
+
+    return run
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -233,15 +249,7 @@ def test_attention(benchmark, case: Case, impl: str, mode: str) -> None:
     backward = mode == "forward_backward"
     grad_out = torch.randn(case.batch, case.heads, case.queries, case.value_dim, device=DEVICE, dtype=DTYPE)
 
-    def run() -> None:
-        for t in (q, k, v, bias):
-            t.grad = None
-        with torch.set_grad_enabled(backward):
-            out = fn(q, k, v, bias)
-            if backward:
-                out.backward(grad_out)
-        if ON_CUDA:
-            torch.cuda.synchronize()
+    run = make_runner(fn, (q, k, v, bias), grad_out, backward)
 
     if not backward:
         with vitkern.backend("auto"):

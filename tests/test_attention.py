@@ -15,11 +15,13 @@ import pytest
 import torch
 
 import vitkern
-from vitkern import reference
+from vitkern import _tuning, reference
 from vitkern.kernels import attention as kernels
 from vitkern.testing import assert_close, large_allocations
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The Triton kernels, and "auto": on CPU tensors the CPU path, on CUDA tensors the Triton kernels again.
+BACKENDS = ["triton", "auto"]
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
@@ -47,14 +49,14 @@ def _run(fn, tensors, dout, **kwargs):
     return out.detach(), grads
 
 
-def _check(op, ref_op, tensors, names, **kwargs):
-    """The op under the triton backend against the reference: fp32 at the DESIGN.md tolerance; fp16 within 2x the
-    fp16 reference's error against the fp32 reference."""
+def _check(op, ref_op, tensors, names, backend="triton", **kwargs):
+    """The op on ``backend`` against the reference: fp32 at the DESIGN.md tolerance; fp16 within 2x the fp16
+    reference's error against the fp32 reference."""
     dtype = tensors[0].dtype
     batch, heads, nq, _ = tensors[0].shape
     dout = torch.randn(batch, heads, nq, tensors[2].shape[-1], device=DEVICE)
     originals = [t.clone() for t in tensors]
-    with vitkern.backend("triton"):
+    with vitkern.backend(backend):
         out, grads = _run(op, tensors, dout.to(dtype), **kwargs)
     for name, tensor, original in zip(names, tensors, originals):
         assert torch.equal(tensor, original), f"{name} was modified in place"
@@ -152,12 +154,13 @@ REL_POS_CASES = [
 
 
 @pytest.mark.parametrize("window, d, dv, dtype", REL_POS_CASES)
-def test_rel_pos_attention(window, d, dv, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rel_pos_attention(backend, window, d, dv, dtype):
     tokens = window[0] * window[1]
     batch, heads = (2, 2) if tokens <= 16 else (1, 2) if tokens <= 64 else (1, 1)
     q, k, v = _qkv(batch, heads, tokens, tokens, d, dv, dtype, strided=True)
     table = torch.randn(heads, (2 * window[0] - 1) * (2 * window[1] - 1), device=DEVICE).t().to(dtype)
-    _check(vitkern.ops.rel_pos_attention, reference.rel_pos_attention, [q, k, v, table], "qkvt",
+    _check(vitkern.ops.rel_pos_attention, reference.rel_pos_attention, [q, k, v, table], "qkvt", backend,
            window=window, scale=0.3)
 
 
@@ -174,20 +177,22 @@ LEVIT_CASES = [
 
 
 @pytest.mark.parametrize("resolution, stride, d, dv, dtype", LEVIT_CASES)
-def test_levit_attention(resolution, stride, d, dv, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_levit_attention(backend, resolution, stride, d, dv, dtype):
     res_q = (resolution - 1) // stride + 1
     batch, heads = (2, 2) if resolution <= 4 else (1, 2) if resolution <= 7 else (1, 1)
     q, k, v = _qkv(batch, heads, res_q * res_q, resolution * resolution, d, dv, dtype)
     biases = torch.randn(heads, resolution * resolution, device=DEVICE, dtype=dtype)
-    _check(vitkern.ops.levit_attention, reference.levit_attention, [q, k, v, biases], "qkvb",
+    _check(vitkern.ops.levit_attention, reference.levit_attention, [q, k, v, biases], "qkvb", backend,
            resolution=resolution, stride=stride)
 
 
-def test_levit_attention_transposed_biases():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_levit_attention_transposed_biases(backend):
     """vit-pytorch keeps the biases as nn.Embedding(R*R, heads).weight: a transposed view is read in place."""
     q, k, v = _qkv(1, 3, 9, 25, 16, 16)
     biases = torch.randn(25, 3, device=DEVICE).t()
-    _check(vitkern.ops.levit_attention, reference.levit_attention, [q, k, v, biases], "qkvb",
+    _check(vitkern.ops.levit_attention, reference.levit_attention, [q, k, v, biases], "qkvb", backend,
            resolution=5, stride=2)
 
 
@@ -207,36 +212,73 @@ DENSE_CASES = [
 
 
 @pytest.mark.parametrize("batch, heads, nq, nk, d, dv, bias_shape, dtype", DENSE_CASES)
-def test_biased_attention(batch, heads, nq, nk, d, dv, bias_shape, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_biased_attention(backend, batch, heads, nq, nk, d, dv, bias_shape, dtype):
     q, k, v = _qkv(batch, heads, nq, nk, d, dv, dtype)
     if bias_shape is None:
-        _check(vitkern.ops.biased_attention, reference.biased_attention, [q, k, v], "qkv")
+        _check(vitkern.ops.biased_attention, reference.biased_attention, [q, k, v], "qkv", backend)
     else:
         bias = torch.randn(bias_shape, device=DEVICE, dtype=dtype)
-        _check(vitkern.ops.biased_attention, reference.biased_attention, [q, k, v, bias], "qkvb")
+        _check(vitkern.ops.biased_attention, reference.biased_attention, [q, k, v, bias], "qkvb", backend)
 
 
-def test_fully_masked_rows_give_zeros():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows_give_zeros(backend):
     q, k, v = _qkv(2, 2, 17, 19, 16, 16)
     bias = torch.randn(1, 2, 17, 19, device=DEVICE)
     bias[0, 0, 3] = float("-inf")
     bias[0, 1, 16] = float("-inf")
     bias[0, :, :, 5] = float("-inf")
-    with vitkern.backend("triton"):
+    with vitkern.backend(backend):
         out, (dq, dk, dv, dbias) = _run(vitkern.ops.biased_attention, [q, k, v, bias], torch.ones_like(q))
     assert torch.equal(out[:, 0, 3], torch.zeros_like(out[:, 0, 3]))
     assert torch.equal(out[:, 1, 16], torch.zeros_like(out[:, 1, 16]))
     assert torch.equal(dq[:, 0, 3], torch.zeros_like(dq[:, 0, 3]))
     assert torch.equal(dbias[0, 0, 3], torch.zeros_like(dbias[0, 0, 3]))
     assert torch.equal(dbias[0, :, :, 5], torch.zeros_like(dbias[0, :, :, 5]))
-    _check(vitkern.ops.biased_attention, reference.biased_attention, [q, k, v, bias], "qkvb")
+    _check(vitkern.ops.biased_attention, reference.biased_attention, [q, k, v, bias], "qkvb", backend)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path runs on CPU tensors")
+@pytest.mark.parametrize("choice", ["matmul", "sdpa"])
+@pytest.mark.parametrize("mode", ["rel_pos", "levit", "dense"])
+def test_cpu_path_forward_candidates(monkeypatch, mode, choice):
+    """Without gradients the CPU path measures matmul-softmax against SDPA; each candidate gives the reference's
+    output (the "measurement" here returns the candidate under test, after running both once)."""
+
+    def choose(key, make_candidates, default):
+        candidates = make_candidates()
+        assert set(candidates) == {"matmul", "sdpa"} and default == "matmul"
+        for run in candidates.values():
+            run()
+        return choice
+
+    monkeypatch.setattr(_tuning, "MIN_TUNED_MACS", 0)
+    monkeypatch.setattr(_tuning, "MIN_TUNED_FORWARD_MACS", 0)
+    monkeypatch.setattr(_tuning, "choose", choose)
+    if mode == "rel_pos":
+        q, k, v = _qkv(2, 3, 12, 12, 16, 16, strided=True)
+        args, kwargs = (torch.randn(35, 3),), dict(window=(3, 4), scale=0.3)
+        op, ref_op = vitkern.ops.rel_pos_attention, reference.rel_pos_attention
+    elif mode == "levit":
+        q, k, v = _qkv(2, 3, 16, 49, 16, 32)
+        args, kwargs = (torch.randn(3, 49),), dict(resolution=7, stride=2)
+        op, ref_op = vitkern.ops.levit_attention, reference.levit_attention
+    else:
+        q, k, v = _qkv(2, 3, 10, 13, 16, 16)
+        args, kwargs = (torch.randn(2, 1, 10, 13),), {}
+        op, ref_op = vitkern.ops.biased_attention, reference.biased_attention
+    with torch.no_grad(), vitkern.backend("auto"):
+        out = op(q, k, v, *args, **kwargs)
+    assert_close(out, ref_op(q, k, v, *args, **kwargs))
 
 
 # --- determinism and memory -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["rel_pos", "levit"])
-def test_table_gradient_is_bitwise_deterministic(mode):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_table_gradient_is_bitwise_deterministic(backend, mode):
     """Several batch chunks (partials summed over chunks), two runs, identical bits."""
     if mode == "rel_pos":
         q, k, v = _qkv(3, 2, 6, 6, 16, 16)
@@ -249,7 +291,7 @@ def test_table_gradient_is_bitwise_deterministic(mode):
         op = lambda *t: vitkern.ops.levit_attention(*t, resolution=4, stride=2)  # noqa: E731
         tensors = [q, k, v, biases]
     dout = torch.randn(3, 2, q.shape[2], v.shape[3], device=DEVICE)
-    with vitkern.backend("triton"):
+    with vitkern.backend(backend):
         first = _run(op, tensors, dout)[1][3]
         second = _run(op, tensors, dout)[1][3]
     assert torch.equal(first, second)

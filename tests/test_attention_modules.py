@@ -313,8 +313,10 @@ def test_levit_eval_with_gradients_bypasses_the_cache():
 
 
 @pytest.mark.parametrize("kind", ["rel_pos", "levit"])
-def test_modules_compile_without_graph_breaks(kind):
-    """torch.compile(fullgraph=True) traces the modules through the custom op (triton backend), with autograd."""
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_modules_compile_without_graph_breaks(backend, kind):
+    """torch.compile(fullgraph=True) traces the modules with autograd: through the custom op (triton) or, on "auto"
+    with CPU tensors, through the CPU path's plain ops."""
     if kind == "rel_pos":
         seed, module = rel_pos_pair(16, 16, (4, 4), 2, 8)
         x = torch.randn(2, 16, 16, device=DEVICE)
@@ -322,7 +324,7 @@ def test_modules_compile_without_graph_breaks(kind):
         seed, module = levit_pair(16, 4, 2, 8, 16, downsample=True)
         x = torch.randn(2, 16, 4, 4, device=DEVICE)
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
-    check_against_seed(module, seed, x, "triton", forward=compiled)
+    check_against_seed(module, seed, x, backend, forward=compiled)
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the profiler's allocation records are taken on CPU tensors")

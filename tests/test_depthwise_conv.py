@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vitkern
+from vitkern import _tuning
 from vitkern._backend import resolve
 from vitkern.ops.depthwise_conv import depthwise_conv2d
 from vitkern.testing import assert_close
@@ -305,10 +306,11 @@ def test_opcheck(backend):
 @pytest.mark.parametrize(
     "compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
 )
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", ["auto", *KERNEL_BACKENDS])
 def test_torch_compile_fullgraph(backend, compiler):
     """A function using the op compiles with fullgraph=True and matches eager, forward and gradients; aot_eager
-    traces through the fake and autograd registrations, inductor also generates code around the op."""
+    traces through the fake and autograd registrations (on "auto" with CPU tensors: through the CPU path's plain
+    ops), inductor also generates code around the op."""
     inputs = make_inputs((2, 3, 8, 7), (3, 3), layout=CHANNELS_LAST)
 
     def block(x, weight, bias, scale, shift, residual):
@@ -341,8 +343,7 @@ def test_torch_compile_fullgraph(backend, compiler):
 )
 @pytest.mark.parametrize("backend", ["auto", "eager"])
 def test_plain_backends(backend, kernel, stride, padding, dilation, layout):
-    """The CPU path (auto on CPU tensors: F.conv2d, NCHW converted to channels_last where that is faster on CPU)
-    and the eager reference; 16x17 maps, so the 9x9 and 7x5 NCHW cases take the converted path with gradients."""
+    """The CPU path (auto on CPU tensors) with its default choices, and the eager reference."""
     inputs = make_inputs((2, 6, 16, 17), kernel, stride, padding, dilation, layout=layout)
     check_op(backend, inputs, stride=stride, padding=padding, dilation=dilation, activation="gelu")
 
@@ -350,8 +351,66 @@ def test_plain_backends(backend, kernel, stride, padding, dilation, layout):
 @pytest.mark.parametrize("kernel", [(9, 9), (3, 15)])
 @pytest.mark.parametrize("backend", ["auto", "eager"])
 def test_plain_backends_forward_only(backend, kernel):
-    """Without gradients the CPU path keeps NCHW below kernel width 15."""
+    """Without gradients the CPU path writes the epilogue over the convolution's output, never over an input."""
     check_op(backend, make_inputs((2, 6, 16, 17), kernel), grads=(), activation="relu")
+
+
+@pytest.fixture
+def forced_formats(monkeypatch):
+    """Every CPU-path problem gets a "measured" choice of memory format, and the measurement returns the formats
+    the test puts in the dict ("forward", "backward"); the candidates are still built and run once."""
+    forced = {}
+
+    def choose(key, make_candidates, default):
+        candidates = make_candidates()
+        assert set(candidates) == {"nchw", "channels_last"} and default in candidates
+        with torch.no_grad():
+            for run in candidates.values():
+                run()
+        return forced[key[1]]
+
+    monkeypatch.setattr(_tuning, "MIN_TUNED_MACS", 0)
+    monkeypatch.setattr(_tuning, "MIN_TUNED_FORWARD_MACS", 0)
+    monkeypatch.setattr(_tuning, "choose", choose)
+    return forced
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path runs on CPU tensors")
+@pytest.mark.parametrize("backward_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("forward_format", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation",
+    [((7, 7), 1, "same", 1), ((4, 5), 2, "same", 2)],
+    ids=["7x7", "even-same-s2-dil2"],
+)
+def test_cpu_path_every_format_choice(forced_formats, forward_format, backward_format, layout, kernel, stride,
+                                      padding, dilation):
+    """Forward and backward of the CPU path in each memory format, apart or together, from either input layout:
+    the output keeps the input's layout and every gradient matches, also when only some are asked for."""
+    forced_formats.update(forward=forward_format, backward=backward_format)
+    conv = dict(stride=stride, padding=padding, dilation=dilation, activation="gelu")
+    inputs = make_inputs((2, 5, 12, 11), kernel, stride, padding, dilation, layout=layout)
+    check_op("auto", inputs, **conv)
+    check_op("auto", inputs, grads=("x",), **conv)
+    check_op("auto", inputs, grads=("weight", "scale"), **conv)
+    check_op("auto", inputs, grads=(), **conv)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path runs on CPU tensors")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_path_measures_once_per_problem(monkeypatch, layout):
+    """With real timings: one forward and one backward choice per problem signature, reused by later calls."""
+    monkeypatch.setattr(_tuning, "MIN_TUNED_MACS", 0)
+    monkeypatch.setattr(_tuning, "MIN_TUNED_FORWARD_MACS", 0)
+    monkeypatch.setattr(_tuning, "_choices", {})
+    inputs = make_inputs((2, 4, 9, 10), (5, 5), layout=layout)
+    check_op("auto", inputs, activation="relu")
+    choices = _tuning.choices()
+    assert sorted(key[1] for key in choices) == ["backward", "forward"]
+    assert set(choices.values()) <= {"nchw", "channels_last"}
+    check_op("auto", inputs, activation="relu")
+    assert _tuning.choices() == choices
 
 
 @pytest.mark.parametrize("backend", ["auto", "eager"])

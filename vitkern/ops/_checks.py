@@ -32,6 +32,8 @@ def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
 
 def pair(name: str, value: object, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each at least ``minimum``, as a pair."""
+    if type(value) is int and value >= minimum:
+        return value, value
     items = (value, value) if isinstance(value, int) else value
     if (
         not isinstance(items, (tuple, list))

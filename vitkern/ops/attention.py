@@ -22,20 +22,20 @@ bias_mode 0: none; 1: table ((2Wh-1)(2Ww-1), heads), geometry [Wh, Ww]; 2: LeViT
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
 import torch.nn.functional as F
 
-from vitkern import reference
+from vitkern import _tuning, reference
 from vitkern._backend import resolve
 from vitkern.ops._checks import check_like, check_scale, check_tensor, pair
 
 BIAS_NONE, BIAS_REL_POS, BIAS_LEVIT, BIAS_DENSE = 0, 1, 2, 3
-# CPU path: with a float mask, SDPA's CPU kernel can beat matmul-softmax from this head dim up, in the forward pass
-# and when v's head dim equals q's (2 shared cores: with LeViT's value dim 2x or 4x the key dim SDPA's forward was
-# 1.1-2.2x slower at key dims 16 and 32; forward+backward it took 0.8-1.8x the matmul-softmax time).
-CPU_SDPA_MIN_HEAD_DIM = 32
+# The CPU path keeps the (Nq, Nk) gather index of each window or resolution it has seen, up to this many entries
+# per index (8 MiB of int64): a 4096-token window's 16.8M-entry index is rebuilt instead.
+CPU_MAX_CACHED_INDEX = 1 << 20
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -92,7 +92,8 @@ def rel_pos_attention(
     if impl == "eager":
         return reference.rel_pos_attention(q, k, v, table, (wh, ww), scale)
     if impl == "cpu":
-        return _cpu_attention(q, k, v, reference.rel_pos_bias(table, (wh, ww)), scale)
+        bias = table.t().index_select(1, _rel_pos_flat_index((wh, ww), q.device)).view(-1, tokens, tokens)
+        return _cpu_attention(q, k, v, bias, scale)
     return _fused(q, k, v, table, BIAS_REL_POS, [wh, ww], scale, impl, "rel_pos_attention")
 
 
@@ -140,7 +141,8 @@ def levit_attention(
     if impl == "eager":
         return reference.levit_attention(q, k, v, biases, resolution, stride, scale)
     if impl == "cpu":
-        return _cpu_attention(q, k, v, reference.levit_bias(biases, resolution, stride), scale)
+        bias = biases.index_select(1, _levit_flat_index(resolution, stride, q.device)).view(-1, queries, keys)
+        return _cpu_attention(q, k, v, bias, scale)
     return _fused(q, k, v, biases, BIAS_LEVIT, [resolution, stride], scale, impl, "levit_attention")
 
 
@@ -173,6 +175,8 @@ def biased_attention(
             raise ValueError(f"bias: expected a shape broadcastable to {full}, got {tuple(bias.shape)}")
     scale = check_scale(scale)
     impl = resolve("biased_attention", q.device, auto_gpu="triton")
+    if impl == "cpu" and (bias is None or not _may_mask_rows(bias)):
+        return _cpu_attention(q, k, v, bias, scale)
     if impl in ("eager", "cpu"):
         return reference.biased_attention(q, k, v, bias, scale)
     if bias is None:
@@ -182,12 +186,66 @@ def biased_attention(
 
 
 def _cpu_attention(q, k, v, bias, scale):
-    """The ``auto`` path on CPU tensors for finite (gathered) biases: SDPA from CPU_SDPA_MIN_HEAD_DIM up when
-    v's head dim equals q's and no gradient is needed, matmul-softmax otherwise."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
-    if q.shape[-1] >= CPU_SDPA_MIN_HEAD_DIM and v.shape[-1] == q.shape[-1] and not needs_grad:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
-    return reference.biased_attention(q, k, v, bias.unsqueeze(0), scale)
+    """The ``auto`` path on CPU tensors, for a bias that is finite (gathered from a table) or None.
+
+    Matmul-softmax with the scale folded into q and the bias added in place to the fresh scores; without gradients
+    SDPA is the other candidate, and vitkern._tuning keeps whichever is faster for the shape. fp16 and bf16 inputs
+    are computed in fp32 (DESIGN.md's numerics), the output cast back.
+    """
+    if q.dtype != torch.float32:
+        bias = None if bias is None else bias.float()
+        return _cpu_attention(q.float(), k.float(), v.float(), bias, scale).to(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
+    batch, heads, queries, head_dim = q.shape
+    keys, value_dim = k.shape[2], v.shape[3]
+    if not needs_grad and _tuning.worth_tuning(batch * heads * queries * keys * (head_dim + value_dim), False):
+        key = ("attention", batch, heads, queries, keys, head_dim, value_dim, q.dtype, torch.get_num_threads())
+
+        def candidates():
+            return {
+                "matmul": lambda: _matmul_softmax(q, k, v, bias, scale),
+                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale),
+            }
+
+        if _tuning.choose(key, candidates, "matmul") == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return _matmul_softmax(q, k, v, bias, scale)
+
+
+def _may_mask_rows(bias: torch.Tensor) -> bool:
+    """Whether a dense bias may hold -inf, which needs the reference's fully-masked-row handling. Under
+    torch.compile the answer is yes without looking (a data-dependent branch would break the graph)."""
+    return torch.compiler.is_compiling() or bool(bias.isneginf().any())
+
+
+def _matmul_softmax(q, k, v, bias, scale):
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    if bias is not None:
+        scores.add_(bias)
+    return torch.matmul(scores.softmax(-1), v)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_index(build, *args):
+    return build(*args).flatten()
+
+
+def _rel_pos_flat_index(window: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """reference.rel_pos_index flattened, kept per window and device up to CPU_MAX_CACHED_INDEX entries (built
+    afresh under torch.compile, which traces the build into the graph)."""
+    tokens = window[0] * window[1]
+    if tokens * tokens > CPU_MAX_CACHED_INDEX or torch.compiler.is_compiling():
+        return reference.rel_pos_index(window, device).flatten()
+    return _cached_index(reference.rel_pos_index, window, device)
+
+
+def _levit_flat_index(resolution: int, stride: int, device: torch.device) -> torch.Tensor:
+    """reference.levit_index flattened, kept per resolution, stride and device like _rel_pos_flat_index."""
+    keys = resolution * resolution
+    if keys * ((resolution - 1) // stride + 1) ** 2 > CPU_MAX_CACHED_INDEX or torch.compiler.is_compiling():
+        return reference.levit_index(resolution, stride, device).flatten()
+    return _cached_index(reference.levit_index, resolution, stride, device)
 
 
 def _fused(q, k, v, bias, bias_mode, geometry, scale, impl, op):

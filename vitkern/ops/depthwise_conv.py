@@ -27,22 +27,17 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from vitkern import reference
+from vitkern import _tuning, reference
 from vitkern._backend import resolve
 from vitkern.ops._checks import check_like, check_shape, check_tensor, pair
 from vitkern.reference.depthwise_conv import ACTIVATIONS, resolve_padding
 
 ACTIVATION_CODES = {None: 0, "gelu": 1, "relu": 2}
 MAX_KERNEL = 63
-# The CPU path runs an NCHW input through F.conv2d in channels_last where that is faster. Measured with torch 2.14
-# on this machine's CPU (single-thread CPU time, batch 2): the NCHW forward falls off a cliff from kernel width 15 on
-# (2x256x32x32: 13x13 3.3 ms NCHW against 11 ms converted; 15x15 59 ms against 10 ms; 51x5 stays fast, 5x21 does
-# not), and the NCHW backward is about twice as slow as channels_last for kernels from 5x5 on maps of 16x16 and
-# larger (9x9 on 2x256x32x32: 46 ms against 24 ms forward+backward) but faster on small maps (7x7 on 2x768x7x7:
-# 5 ms against 23 ms).
+# Without a measured choice (small problems, deterministic mode, torch.compile; see vitkern._tuning) the CPU path
+# converts an NCHW input to channels_last from this kernel width on: torch 2.14's NCHW depthwise forward falls off a
+# cliff there on CPU (2x256x32x32: 13x13 3.3 ms NCHW against 11 ms converted; 15x15 59 ms against 10 ms).
 CPU_NCHW_SLOW_KERNEL_WIDTH = 15
-CPU_CHANNELS_LAST_BACKWARD_MIN_TAPS = 25
-CPU_CHANNELS_LAST_BACKWARD_MIN_PIXELS = 256
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -95,7 +90,7 @@ def _check_args(x, weight, bias, stride, padding, dilation, activation, scale, s
         check_tensor("residual", residual, ndim=4)
         check_like("residual", residual, "x", x)
         check_shape("residual", residual, (x.shape[0], channels, out_h, out_w))
-    return stride, list(pads), dilation
+    return stride, pads, dilation, (out_h, out_w)
 
 
 def depthwise_conv2d(
@@ -126,7 +121,7 @@ def depthwise_conv2d(
     Returns:
         (N, C, H_out, W_out) in x's dtype and memory format.
     """
-    stride, pads, dilation = _check_args(
+    stride, pads, dilation, out_size = _check_args(
         x, weight, bias, stride, padding, dilation, activation, scale, shift, residual
     )
     impl = resolve("depthwise_conv2d", x.device, auto_gpu="cuda")
@@ -135,7 +130,7 @@ def depthwise_conv2d(
             x, weight, bias, stride, padding, dilation, activation, scale, shift, residual
         )
     if impl == "cpu":
-        return _cpu_forward(x, weight, bias, stride, pads, dilation, activation, scale, shift, residual)
+        return _cpu_forward(x, weight, bias, stride, pads, dilation, out_size, activation, scale, shift, residual)
     fmt = memory_format(x)
     tensors = (x, weight, bias, scale, shift, residual)
     save_z = (activation is not None or scale is not None) and torch.is_grad_enabled() and any(
@@ -147,7 +142,7 @@ def depthwise_conv2d(
         *(None if vec is None else vec.contiguous() for vec in (bias, scale, shift)),
         None if residual is None else residual.contiguous(memory_format=fmt),
         list(stride),
-        pads,
+        list(pads),
         list(dilation),
         ACTIVATION_CODES[activation],
         save_z,
@@ -156,34 +151,144 @@ def depthwise_conv2d(
     return y
 
 
-def _cpu_prefers_channels_last(x: torch.Tensor, kernel: tuple[int, int], needs_grad: bool) -> bool:
-    """Whether F.conv2d on CPU runs an NCHW input faster converted to channels_last (the rule measured above)."""
-    if kernel[1] >= CPU_NCHW_SLOW_KERNEL_WIDTH:
-        return True
-    return (
-        needs_grad
-        and kernel[0] * kernel[1] >= CPU_CHANNELS_LAST_BACKWARD_MIN_TAPS
-        and x.shape[2] * x.shape[3] >= CPU_CHANNELS_LAST_BACKWARD_MIN_PIXELS
-    )
+def _cpu_forward(x, weight, bias, stride, pads, dilation, out_size, activation, scale, shift, residual):
+    """The ``auto`` path on CPU tensors: F.conv2d, then the plain epilogue on the fresh output (never on an input).
 
-
-def _cpu_forward(x, weight, bias, stride, pads, dilation, activation, scale, shift, residual):
-    """The ``auto`` path on CPU tensors: F.conv2d in the faster layout, then the plain epilogue on the fresh output
-    (never on an input)."""
+    The convolution runs in whichever memory format is faster for this problem, forward and backward chosen apart
+    (vitkern._tuning measures both formats once per signature); the output keeps x's format. Without gradients the
+    epilogue runs in place on the convolution's output.
+    """
     fmt = memory_format(x)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, scale, shift, residual)
-    )
-    conv_in = x
-    if fmt == torch.contiguous_format and _cpu_prefers_channels_last(x, tuple(weight.shape[2:]), needs_grad):
-        conv_in = x.contiguous(memory_format=torch.channels_last)
     top, bottom, left, right = pads
-    if top == bottom and left == right:
-        z = F.conv2d(conv_in, weight, bias, stride, (top, left), dilation, x.shape[1])
+    if top != bottom or left != right:
+        x = F.pad(x, (left, right, top, bottom))
+        top = left = 0
+    conv = _CPUConv(x, weight, bias, stride, (top, left), dilation, out_size, fmt)
+    tensors = (x, weight, bias, scale, shift, residual)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        return _epilogue_in_place(conv.run(conv.forward_format(backward=False)), activation, scale, shift, residual)
+    forward_fmt = conv.forward_format(backward=True)
+    backward_fmt = conv.backward_format(forward_fmt)
+    if backward_fmt == forward_fmt:
+        z = conv.run(forward_fmt)
     else:
-        z = F.conv2d(F.pad(conv_in, (left, right, top, bottom)), weight, bias, stride, 0, dilation, x.shape[1])
-    y = reference.depthwise_conv2d_epilogue(z, activation, scale, shift, residual)
-    return y.contiguous(memory_format=fmt)
+        z = _ConvWithBackwardFormat.apply(x, weight, bias, conv.geometry(), forward_fmt, backward_fmt)
+    return reference.depthwise_conv2d_epilogue(z, activation, scale, shift, residual)
+
+
+_FORMAT_NAMES = {torch.contiguous_format: "nchw", torch.channels_last: "channels_last"}
+_FORMATS = {name: fmt for fmt, name in _FORMAT_NAMES.items()}
+
+
+class _CPUConv:
+    """One depthwise F.conv2d problem on CPU (symmetric padding) whose forward or backward runs in a chosen memory
+    format; tensors go in and come out in x's own format."""
+
+    def __init__(self, x, weight, bias, stride, padding, dilation, out_size, fmt):
+        self.x, self.weight, self.bias = x, weight, bias
+        self.stride, self.padding, self.dilation, self.out_size, self.fmt = stride, padding, dilation, out_size, fmt
+
+    def geometry(self):
+        """Everything but the tensors, to rebuild the problem on other tensors of the same shape."""
+        return self.stride, self.padding, self.dilation, self.out_size, self.fmt
+
+    def run(self, conv_fmt):
+        """conv(x) + bias, computed in ``conv_fmt``, returned in x's format."""
+        x = self.x
+        z = F.conv2d(
+            x.contiguous(memory_format=conv_fmt), self.weight, self.bias, self.stride, self.padding, self.dilation,
+            x.shape[1],
+        )
+        return z.contiguous(memory_format=self.fmt)
+
+    def run_backward(self, conv_fmt, dz, output_mask):
+        """(dx, dweight, dbias) of ``run`` for the output gradient dz, computed in ``conv_fmt``; dx in x's format."""
+        x = self.x
+        dx, dweight, dbias = torch.ops.aten.convolution_backward(
+            dz.contiguous(memory_format=conv_fmt),
+            x.contiguous(memory_format=conv_fmt),
+            self.weight,
+            [x.shape[1]] if output_mask[2] else None,
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            False,
+            [0, 0],
+            x.shape[1],
+            list(output_mask),
+        )
+        if dx is not None:
+            dx = dx.contiguous(memory_format=self.fmt)
+        return dx, dweight, dbias
+
+    def _tuning_key(self, direction, backward=True):
+        """The measured choice's key, or None where the problem keeps the default (see vitkern._tuning)."""
+        batch, channels = self.x.shape[:2]
+        kh, kw = self.weight.shape[2:]
+        if not _tuning.worth_tuning(batch * channels * self.out_size[0] * self.out_size[1] * kh * kw, backward):
+            return None
+        return (
+            "depthwise_conv2d", direction, tuple(self.x.shape), (kh, kw), self.stride, self.padding, self.dilation,
+            self.x.dtype, self.fmt, self.bias is not None, torch.get_num_threads(),
+        )
+
+    def forward_format(self, backward):
+        default = self.fmt
+        if default == torch.contiguous_format and self.weight.shape[3] >= CPU_NCHW_SLOW_KERNEL_WIDTH:
+            default = torch.channels_last
+        key = self._tuning_key("forward", backward)
+        if key is None:
+            return default
+
+        def candidates():
+            return {name: (lambda f=f: self.run(f)) for name, f in _FORMATS.items()}
+
+        return _FORMATS[_tuning.choose(key, candidates, _FORMAT_NAMES[default])]
+
+    def backward_format(self, forward_fmt):
+        key = self._tuning_key("backward")
+        if key is None:
+            return forward_fmt
+
+        def candidates():
+            dz = self.x.new_ones((*self.x.shape[:2], *self.out_size)).contiguous(memory_format=self.fmt)
+            mask = (True, True, self.bias is not None)
+            return {name: (lambda f=f: self.run_backward(f, dz, mask)) for name, f in _FORMATS.items()}
+
+        return _FORMATS[_tuning.choose(key, candidates, _FORMAT_NAMES[forward_fmt])]
+
+
+class _ConvWithBackwardFormat(torch.autograd.Function):
+    """conv(x) + bias with its forward and its backward run in different memory formats."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, geometry, forward_fmt, backward_fmt):
+        ctx.save_for_backward(x, weight)
+        ctx.geometry, ctx.backward_fmt = geometry, backward_fmt
+        return _CPUConv(x, weight, bias, *geometry).run(forward_fmt)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dz):
+        x, weight = ctx.saved_tensors
+        conv = _CPUConv(x, weight, None, *ctx.geometry)
+        dx, dweight, dbias = conv.run_backward(ctx.backward_fmt, dz, ctx.needs_input_grad[:3])
+        return dx, dweight, dbias, None, None, None
+
+
+def _epilogue_in_place(z, activation, scale, shift, residual):
+    """``act(z) * scale + shift + residual`` written over z, a fresh tensor no caller holds."""
+    if activation == "gelu":
+        torch.ops.aten.gelu_(z)
+    elif activation == "relu":
+        z.relu_()
+    if scale is not None:
+        z.mul_(scale.view(1, -1, 1, 1))
+    if shift is not None:
+        z.add_(shift.view(1, -1, 1, 1))
+    if residual is not None:
+        z.add_(residual)
+    return z
 
 
 # --- kernel families ------------------------------------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""The CPU path against its baselines, timed in alternation: ``python benchmarks/cpu_paired.py [--rounds N]``.
+
+pytest-benchmark times one implementation after another, so on a shared machine whose speed drifts between tests two
+runs of the same computation can differ by tens of percent. This script runs every implementation of a case once per
+round, in turn, and keeps each one's fastest round, so drift hits all of them alike. Cases and inputs are those of
+``test_depthwise_conv.py`` and ``test_attention.py`` (CPU shapes); the 4096-token attention case is left out (seconds
+per call). Prints one line per case: the baselines' and the CPU path's best times and the ratio to the best baseline
+(below 1: the CPU path is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import test_attention as attention_bench  # noqa: E402
+import test_depthwise_conv as conv_bench  # noqa: E402
+
+
+def best_times(runs: dict, rounds: int) -> dict[str, float]:
+    """Each callable's fastest of ``rounds`` calls, the callables taking turns; one warm-up call each first."""
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def report(case: str, best: dict[str, float], mine: str) -> None:
+    baselines = {name: t for name, t in best.items() if name != mine}
+    times = "  ".join(f"{name} {t * 1e6:9.0f} us" for name, t in best.items())
+    print(f"{case:48s} {times}  ratio {best[mine] / min(baselines.values()):.2f}", flush=True)
+
+
+def depthwise_cases(rounds: int) -> None:
+    for shape in conv_bench.SHAPES:
+        slow = shape.kernel > 15
+        for layout in conv_bench.LAYOUTS:
+            for backward in (False, True):
+                tensors = conv_bench._inputs(shape, conv_bench.LAYOUTS[layout], torch.float32, backward)
+                runs = {impl: conv_bench._runner(impl, tensors, backward) for impl in ("torch_conv2d", "auto")}
+                best = best_times(runs, max(3, rounds // 4) if slow else rounds)
+                report(f"{shape.name} {layout} {'fwd_bwd' if backward else 'fwd'}", best, "auto")
+
+
+def attention_cases(rounds: int) -> None:
+    for case in attention_bench.CASES:
+        if case.keys >= attention_bench.LONG_TOKENS:
+            continue
+        inputs = attention_bench.make_inputs(case)
+        grad_out = torch.randn(case.batch, case.heads, case.queries, case.value_dim)
+        for backward in (False, True):
+            runs = {
+                impl: attention_bench.make_runner(attention_bench.attention_fn(case, impl), inputs, grad_out, backward)
+                for impl in ("reference", "sdpa", "vitkern")
+            }
+            report(f"{case.name} {'fwd_bwd' if backward else 'fwd'}", best_times(runs, rounds), "vitkern")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--only", choices=["depthwise", "attention"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.rounds} alternating rounds")
+    if args.only != "attention":
+        depthwise_cases(args.rounds)
+    if args.only != "depthwise":
+        attention_cases(args.rounds)
+
+
+if __name__ == "__main__":
+    main()

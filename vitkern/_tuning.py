@@ -1,0 +1,87 @@
+"""Measured choices for the CPU path, in the manner of ``torch.backends.cudnn.benchmark``.
+
+The CPU path (``auto`` on CPU tensors) can run an op in several equivalent ways: F.conv2d on NCHW or on
+channels_last, attention through matmul-softmax or SDPA. Which is fastest depends on the shape, the thread count and
+the machine, so the first call with a new problem signature times each candidate and the fastest is kept for the
+rest of the process. A candidate replaces the default only when it takes at most ``MIN_ADVANTAGE`` of the default's
+time, so noise cannot talk the path out of the default.
+
+The default is used without timing when:
+
+* the problem is too small for the choice to matter (the caller decides, see ``worth_tuning``);
+* ``torch.use_deterministic_algorithms(True)`` is in force, so that results never depend on a timing;
+* ``torch.compile`` is tracing;
+* ``VITKERN_CPU_TUNING=0`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Hashable
+
+import torch
+
+ENV_VAR = "VITKERN_CPU_TUNING"
+# An alternative must take at most this fraction of the default's time to replace it.
+MIN_ADVANTAGE = 0.9
+# Timed rounds per candidate, after one warm-up call each; rounds alternate between candidates.
+ROUNDS = 3
+# Problems with fewer multiply-adds than this keep the default: the measurement, and the few microseconds each
+# later call spends looking its choice up, would cost more than a better choice saves. Forward-only calls are
+# cheap enough that the lookup shows below MIN_TUNED_FORWARD_MACS; with a backward pass it pays from MIN_TUNED_MACS.
+MIN_TUNED_MACS = 1 << 21
+MIN_TUNED_FORWARD_MACS = 1 << 24
+
+_choices: dict[Hashable, str] = {}
+
+
+def enabled() -> bool:
+    return (
+        not torch.are_deterministic_algorithms_enabled()
+        and not torch.compiler.is_compiling()
+        and os.environ.get(ENV_VAR, "1") != "0"
+    )
+
+
+def worth_tuning(macs: int, backward: bool = True) -> bool:
+    """Whether a problem of ``macs`` multiply-adds (per forward pass) gets a measured choice, else the caller's
+    default; ``backward`` says whether the call also runs a backward pass."""
+    return macs >= (MIN_TUNED_MACS if backward else MIN_TUNED_FORWARD_MACS) and enabled()
+
+
+def choose(key: Hashable, make_candidates: Callable[[], dict[str, Callable[[], object]]], default: str) -> str:
+    """The name of the fastest candidate for ``key``, timed on the first call and remembered after that.
+
+    ``make_candidates()`` (called only on that first call) maps names to zero-argument callables that each run the
+    whole computation once; ``default`` names one of them. Candidates run without autograd.
+    """
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _measure(make_candidates(), default)
+        _choices[key] = choice
+    return choice
+
+
+def _measure(candidates: dict[str, Callable[[], object]], default: str) -> str:
+    best = dict.fromkeys(candidates, float("inf"))
+    with torch.no_grad():
+        for run in candidates.values():
+            run()
+        for _ in range(ROUNDS):
+            for name, run in candidates.items():
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
+    fastest = min(best, key=best.__getitem__)
+    return fastest if best[fastest] <= MIN_ADVANTAGE * best[default] else default
+
+
+def choices() -> dict[Hashable, str]:
+    """A copy of the choices made so far in this process, by problem signature."""
+    return dict(_choices)
+
+
+def clear() -> None:
+    """Forget every choice, so the next call of each signature measures again."""
+    _choices.clear()
