@@ -12,28 +12,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from vitkern import _tuning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import test_attention as attention_bench  # noqa: E402
 import test_depthwise_conv as conv_bench  # noqa: E402
-
-
-def best_times(runs: dict, rounds: int) -> dict[str, float]:
-    """Each callable's fastest of ``rounds`` calls, the callables taking turns; one warm-up call each first."""
-    for run in runs.values():
-        run()
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def report(case: str, best: dict[str, float], mine: str) -> None:
@@ -47,9 +35,9 @@ def depthwise_cases(rounds: int) -> None:
         slow = shape.kernel > 15
         for layout in conv_bench.LAYOUTS:
             for backward in (False, True):
-                tensors = conv_bench._inputs(shape, conv_bench.LAYOUTS[layout], torch.float32, backward)
-                runs = {impl: conv_bench._runner(impl, tensors, backward) for impl in ("torch_conv2d", "auto")}
-                best = best_times(runs, max(3, rounds // 4) if slow else rounds)
+                tensors = conv_bench.make_inputs(shape, conv_bench.LAYOUTS[layout], torch.float32, backward)
+                runs = {impl: conv_bench.make_runner(impl, tensors, backward) for impl in ("torch_conv2d", "auto")}
+                best = _tuning.best_times(runs, max(3, rounds // 4) if slow else rounds)
                 report(f"{shape.name} {layout} {'fwd_bwd' if backward else 'fwd'}", best, "auto")
 
 
@@ -64,7 +52,7 @@ def attention_cases(rounds: int) -> None:
                 impl: attention_bench.make_runner(attention_bench.attention_fn(case, impl), inputs, grad_out, backward)
                 for impl in ("reference", "sdpa", "vitkern")
             }
-            report(f"{case.name} {'fwd_bwd' if backward else 'fwd'}", best_times(runs, rounds), "vitkern")
+            report(f"{case.name} {'fwd_bwd' if backward else 'fwd'}", _tuning.best_times(runs, rounds), "vitkern")
 
 
 def main() -> None:

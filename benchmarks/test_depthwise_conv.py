@@ -66,7 +66,7 @@ IMPLS = ["torch_conv2d"] + (["triton", "cuda"] if ON_GPU else ["auto"])
 DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 
 
-def _inputs(shape: Shape, layout: torch.memory_format, dtype: torch.dtype, requires_grad: bool) -> dict:
+def make_inputs(shape: Shape, layout: torch.memory_format, dtype: torch.dtype, requires_grad: bool) -> dict:
     batch, c = (shape.batch, shape.channels) if ON_GPU else (CPU_BATCH, shape.cpu_channels)
     k = shape.kernel
     x = torch.randn(batch, c, shape.size, shape.size, device=DEVICE).to(dtype=dtype, memory_format=layout)
@@ -121,7 +121,7 @@ def _record_gpu_figures(benchmark, shape: Shape, tensors: dict, backward: bool) 
         benchmark.extra_info["flops_of_peak"] = round(flops / seconds / peaks[1], 3)
 
 
-def _runner(impl: str, tensors: dict, backward: bool) -> Callable[[], None]:
+def make_runner(impl: str, tensors: dict, backward: bool) -> Callable[[], None]:
     """One timed step: the block on ``impl`` (``torch_conv2d`` is the plain PyTorch block), and with ``backward``
     the gradients of every input; synchronised on CUDA."""
     block = _torch_block if impl == "torch_conv2d" else _vitkern_block
@@ -148,8 +148,8 @@ def test_depthwise_conv2d(benchmark, shape_name, impl, layout, backward, dtype):
     """Times one implementation; the group puts it beside the other implementations of the same case."""
     shape = SHAPES_BY_NAME[shape_name]
     benchmark.group = f"{shape.name}-{layout}-{'fwd_bwd' if backward else 'fwd'}-{str(dtype).removeprefix('torch.')}"
-    tensors = _inputs(shape, LAYOUTS[layout], dtype, backward)
-    run = _runner(impl, tensors, backward)
+    tensors = make_inputs(shape, LAYOUTS[layout], dtype, backward)
+    run = make_runner(impl, tensors, backward)
     run()
     benchmark(run)
     benchmark.extra_info["shape"] = "x".join(map(str, tensors["x"].shape)) + f" k{shape.kernel}"

@@ -241,16 +241,18 @@ def test_fully_masked_rows_give_zeros(backend):
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path runs on CPU tensors")
 @pytest.mark.parametrize("choice", ["matmul", "sdpa"])
-@pytest.mark.parametrize("mode", ["rel_pos", "levit", "dense"])
+@pytest.mark.parametrize("mode", ["rel_pos", "levit", "dense", "dense-1d"])
 def test_cpu_path_forward_candidates(monkeypatch, mode, choice):
     """Without gradients the CPU path measures matmul-softmax against SDPA; each candidate gives the reference's
     output (the "measurement" here returns the candidate under test, after running both once)."""
+    calls = []
 
     def choose(key, make_candidates, default):
         candidates = make_candidates()
         assert set(candidates) == {"matmul", "sdpa"} and default == "matmul"
         for run in candidates.values():
             run()
+        calls.append(key)
         return choice
 
     monkeypatch.setattr(_tuning, "MIN_TUNED_MACS", 0)
@@ -266,11 +268,33 @@ def test_cpu_path_forward_candidates(monkeypatch, mode, choice):
         op, ref_op = vitkern.ops.levit_attention, reference.levit_attention
     else:
         q, k, v = _qkv(2, 3, 10, 13, 16, 16)
-        args, kwargs = (torch.randn(2, 1, 10, 13),), {}
+        bias_shape = (2, 1, 10, 13) if mode == "dense" else (13,)
+        args, kwargs = (torch.randn(bias_shape),), {}
         op, ref_op = vitkern.ops.biased_attention, reference.biased_attention
     with torch.no_grad(), vitkern.backend("auto"):
         out = op(q, k, v, *args, **kwargs)
+    assert len(calls) == 1, "the CPU path did not ask for a measured choice"
     assert_close(out, ref_op(q, k, v, *args, **kwargs))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path runs on CPU tensors")
+@pytest.mark.parametrize("mode", ["rel_pos", "levit"])
+def test_cpu_path_trains_after_an_inference_mode_call(mode):
+    """The CPU path keeps each window's gather index; one first built under torch.inference_mode must still serve
+    a later call with gradients."""
+    q, k, v = _qkv(1, 2, 4, 16, 16, 16)
+    if mode == "rel_pos":  # a window no other test uses, so this test builds its index first
+        q = q[:, :, :3]
+        op, args = vitkern.ops.rel_pos_attention, (torch.randn(5, 2), (1, 3))
+        k, v = k[:, :, :3], v[:, :, :3]
+    else:
+        op, args = vitkern.ops.levit_attention, (torch.randn(2, 16), 4, 3)
+    with vitkern.backend("auto"):
+        with torch.inference_mode():
+            op(q, k, v, *args)
+        table = args[0].requires_grad_()
+        op(q, k, v, *args).sum().backward()
+    assert table.grad is not None and table.grad.abs().sum() > 0
 
 
 # --- determinism and memory -------------------------------------------------------------------------------------

@@ -358,8 +358,9 @@ def test_plain_backends_forward_only(backend, kernel):
 @pytest.fixture
 def forced_formats(monkeypatch):
     """Every CPU-path problem gets a "measured" choice of memory format, and the measurement returns the formats
-    the test puts in the dict ("forward", "backward"); the candidates are still built and run once."""
-    forced = {}
+    the test puts in the dict ("forward", "backward"); the candidates are still built and run once. The fixture
+    checks at teardown that the test's calls did ask for a choice."""
+    forced, calls = {}, []
 
     def choose(key, make_candidates, default):
         candidates = make_candidates()
@@ -367,12 +368,14 @@ def forced_formats(monkeypatch):
         with torch.no_grad():
             for run in candidates.values():
                 run()
+        calls.append(key[1])
         return forced[key[1]]
 
     monkeypatch.setattr(_tuning, "MIN_TUNED_MACS", 0)
     monkeypatch.setattr(_tuning, "MIN_TUNED_FORWARD_MACS", 0)
     monkeypatch.setattr(_tuning, "choose", choose)
-    return forced
+    yield forced
+    assert "forward" in calls and ("backward" in calls or "backward" not in forced), "no format choice was asked for"
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path runs on CPU tensors")
@@ -395,6 +398,36 @@ def test_cpu_path_every_format_choice(forced_formats, forward_format, backward_f
     check_op("auto", inputs, grads=("x",), **conv)
     check_op("auto", inputs, grads=("weight", "scale"), **conv)
     check_op("auto", inputs, grads=(), **conv)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path runs on CPU tensors")
+@pytest.mark.parametrize("forward_format, backward_format", [("nchw", "channels_last"), ("channels_last", "nchw")])
+def test_cpu_path_split_formats_fp16(forced_formats, forward_format, backward_format):
+    forced_formats.update(forward=forward_format, backward=backward_format)
+    check_op("auto", make_inputs((2, 4, 11, 9), (7, 7), dtype=torch.float16), activation="gelu")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path runs on CPU tensors")
+@pytest.mark.parametrize("forward_format, backward_format", [("nchw", "channels_last"), ("channels_last", "nchw")])
+def test_cpu_path_split_formats_double_backward(forced_formats, forward_format, backward_format):
+    """Second derivatives through the CPU path with forward and backward in different formats, against the
+    expected side (GELU makes them depend on the convolution's output)."""
+    forced_formats.update(forward=forward_format, backward=backward_format)
+    inputs = make_inputs((1, 3, 7, 6), (3, 3))
+    dy = torch.randn(1, 3, 7, 6)
+    direction = torch.randn(1, 3, 7, 6)
+
+    def second_derivatives(conv, dtype):
+        x, weight, bias = (inputs[k].to(dtype).requires_grad_() for k in ("x", "weight", "bias"))
+        y = conv(x, weight, bias, 1, "same", 1, "gelu", None, None, None)
+        (dx,) = torch.autograd.grad(y, x, dy.to(dtype), create_graph=True)
+        return torch.autograd.grad((dx * direction.to(dtype)).sum(), (x, weight, bias))
+
+    with vitkern.backend("auto"):
+        got = second_derivatives(depthwise_conv2d, torch.float32)
+    expected = second_derivatives(expected_conv, torch.float64)
+    for name, a, b in zip(("x", "weight", "bias"), got, expected):
+        assert_close(a, b.float(), name=f"d(dx)/d{name}")
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU path runs on CPU tensors")

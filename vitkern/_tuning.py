@@ -64,17 +64,24 @@ def choose(key: Hashable, make_candidates: Callable[[], dict[str, Callable[[], o
 
 
 def _measure(candidates: dict[str, Callable[[], object]], default: str) -> str:
-    best = dict.fromkeys(candidates, float("inf"))
     with torch.no_grad():
-        for run in candidates.values():
-            run()
-        for _ in range(ROUNDS):
-            for name, run in candidates.items():
-                start = time.perf_counter()
-                run()
-                best[name] = min(best[name], time.perf_counter() - start)
+        best = best_times(candidates, ROUNDS)
     fastest = min(best, key=best.__getitem__)
     return fastest if best[fastest] <= MIN_ADVANTAGE * best[default] else default
+
+
+def best_times(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Each candidate's fastest of ``rounds`` calls in seconds, after one warm-up call each; the candidates take
+    turns, so a machine whose speed drifts slows them alike."""
+    for run in candidates.values():
+        run()
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(rounds):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def choices() -> dict[Hashable, str]:

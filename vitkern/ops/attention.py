@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from vitkern import _tuning, reference
 from vitkern._backend import resolve
-from vitkern.ops._checks import check_like, check_scale, check_tensor, pair
+from vitkern.ops._checks import check_like, check_scale, check_tensor, needs_grad, pair
 
 BIAS_NONE, BIAS_REL_POS, BIAS_LEVIT, BIAS_DENSE = 0, 1, 2, 3
 # The CPU path keeps the (Nq, Nk) gather index of each window or resolution it has seen, up to this many entries
@@ -175,18 +175,19 @@ def biased_attention(
             raise ValueError(f"bias: expected a shape broadcastable to {full}, got {tuple(bias.shape)}")
     scale = check_scale(scale)
     impl = resolve("biased_attention", q.device, auto_gpu="triton")
+    bias4 = None if bias is None else bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
     if impl == "cpu" and (bias is None or not _may_mask_rows(bias)):
-        return _cpu_attention(q, k, v, bias, scale)
+        return _cpu_attention(q, k, v, bias4, scale)
     if impl in ("eager", "cpu"):
         return reference.biased_attention(q, k, v, bias, scale)
     if bias is None:
         return _fused(q, k, v, None, BIAS_NONE, [], scale, impl, "biased_attention")
-    bias4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
     return _fused(q, k, v, bias4, BIAS_DENSE, [], scale, impl, "biased_attention")
 
 
 def _cpu_attention(q, k, v, bias, scale):
-    """The ``auto`` path on CPU tensors, for a bias that is finite (gathered from a table) or None.
+    """The ``auto`` path on CPU tensors, for a bias that is finite (gathered from a table) or None, with at least
+    two dims (SDPA's mask needs them).
 
     Matmul-softmax with the scale folded into q and the bias added in place to the fresh scores; without gradients
     SDPA is the other candidate, and vitkern._tuning keeps whichever is faster for the shape. fp16 and bf16 inputs
@@ -196,11 +197,13 @@ def _cpu_attention(q, k, v, bias, scale):
         bias = None if bias is None else bias.float()
         return _cpu_attention(q.float(), k.float(), v.float(), bias, scale).to(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
     batch, heads, queries, head_dim = q.shape
     keys, value_dim = k.shape[2], v.shape[3]
-    if not needs_grad and _tuning.worth_tuning(batch * heads * queries * keys * (head_dim + value_dim), False):
-        key = ("attention", batch, heads, queries, keys, head_dim, value_dim, q.dtype, torch.get_num_threads())
+    macs = batch * heads * queries * keys * (head_dim + value_dim)
+    if not needs_grad(q, k, v, bias) and _tuning.worth_tuning(macs, backward=False):
+        bias_shape = None if bias is None else tuple(bias.shape)
+        threads = torch.get_num_threads()
+        key = ("attention", batch, heads, queries, keys, head_dim, value_dim, bias_shape, q.dtype, threads)
 
         def candidates():
             return {
@@ -226,9 +229,10 @@ def _matmul_softmax(q, k, v, bias, scale):
     return torch.matmul(scores.softmax(-1), v)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _cached_index(build, *args):
-    return build(*args).flatten()
+    with torch.inference_mode(False):  # a normal tensor even when first asked for under inference_mode
+        return build(*args).flatten()
 
 
 def _rel_pos_flat_index(window: tuple[int, int], device: torch.device) -> torch.Tensor:

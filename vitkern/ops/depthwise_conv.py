@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from vitkern import _tuning, reference
 from vitkern._backend import resolve
-from vitkern.ops._checks import check_like, check_shape, check_tensor, pair
+from vitkern.ops._checks import check_like, check_shape, check_tensor, needs_grad, pair
 from vitkern.reference.depthwise_conv import ACTIVATIONS, resolve_padding
 
 ACTIVATION_CODES = {None: 0, "gelu": 1, "relu": 2}
@@ -132,10 +132,7 @@ def depthwise_conv2d(
     if impl == "cpu":
         return _cpu_forward(x, weight, bias, stride, pads, dilation, out_size, activation, scale, shift, residual)
     fmt = memory_format(x)
-    tensors = (x, weight, bias, scale, shift, residual)
-    save_z = (activation is not None or scale is not None) and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors
-    )
+    save_z = (activation is not None or scale is not None) and needs_grad(x, weight, bias, scale, shift, residual)
     y, _ = torch.ops.vitkern.depthwise_conv2d(
         x.contiguous(memory_format=fmt),
         weight.contiguous(),
@@ -164,8 +161,7 @@ def _cpu_forward(x, weight, bias, stride, pads, dilation, out_size, activation, 
         x = F.pad(x, (left, right, top, bottom))
         top = left = 0
     conv = _CPUConv(x, weight, bias, stride, (top, left), dilation, out_size, fmt)
-    tensors = (x, weight, bias, scale, shift, residual)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+    if not needs_grad(x, weight, bias, scale, shift, residual):
         return _epilogue_in_place(conv.run(conv.forward_format(backward=False)), activation, scale, shift, residual)
     forward_fmt = conv.forward_format(backward=True)
     backward_fmt = conv.backward_format(forward_fmt)
@@ -259,16 +255,20 @@ class _CPUConv:
 
 
 class _ConvWithBackwardFormat(torch.autograd.Function):
-    """conv(x) + bias with its forward and its backward run in different memory formats."""
+    """conv(x) + bias with its forward and its backward run in different memory formats. The backward is made of
+    differentiable ops, so double backward and torch.func's grad transforms work as through F.conv2d."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geometry, forward_fmt, backward_fmt):
-        ctx.save_for_backward(x, weight)
-        ctx.geometry, ctx.backward_fmt = geometry, backward_fmt
+    def forward(x, weight, bias, geometry, forward_fmt, backward_fmt):
         return _CPUConv(x, weight, bias, *geometry).run(forward_fmt)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx, inputs, output):
+        x, weight, _, geometry, _, backward_fmt = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.geometry, ctx.backward_fmt = geometry, backward_fmt
+
+    @staticmethod
     def backward(ctx, dz):
         x, weight = ctx.saved_tensors
         conv = _CPUConv(x, weight, None, *ctx.geometry)
