@@ -8,8 +8,10 @@
 // Layout. Every tensor is addressed through its (n, c, h, w) strides, so one kernel serves NCHW and channels_last.
 // A block owns an output tile of th x tw pixels times cb channels. Its threads map over that tile channel-fastest:
 // with cb = 1 (NCHW) consecutive threads take consecutive columns, with cb > 1 (channels_last) consecutive
-// channels, so global loads are coalesced in both layouts; channels_last also loads 16-byte vectors when the
-// channel count allows. cb is a power of two that divides kThreads, so a thread always sees the same channel.
+// channels, so global loads are coalesced in both layouts. The input tile is read in 16-byte vectors where the
+// layout allows: across channels in channels_last when the channel count is a multiple of the vector, along rows
+// in NCHW when the width is (each tile row is then covered by the aligned vectors around it). cb is a power of
+// two that divides kThreads, so a thread always sees the same channel.
 //
 // Shared memory. The input tile of an output tile, halo included, goes to shared memory in fp32. Its size grows
 // with kernel size x dilation; when it exceeds kSharedBudget the taps are processed in rectangular chunks
@@ -57,11 +59,15 @@ struct Strides {
   int64_t n, c, h, w;
 };
 
+// How the input tile is read: element by element, or in 16-byte vectors across channels (channels_last) or
+// along rows (NCHW).
+enum LoadMode : int { kScalarLoads = 0, kChannelVectors = 1, kRowVectors = 2 };
+
 // How a kernel cuts its work: output tile th x tw x cb, taps in chunks of rc x cc.
 struct Tiling {
   int th, tw, cb, rc, cc;
   int tiles_h, tiles_w;
-  bool vector_loads;
+  LoadMode load_mode;
 };
 
 __host__ __device__ __forceinline__ int div_floor(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
@@ -97,14 +103,48 @@ struct alignas(16) Vector16 {
   scalar_t v[kSize];
 };
 
+// NCHW (cb = 1) rows of whole 16-byte vectors: tile[r * cols + col] = src[n, c, row0 + r, col0 + col] (0 outside
+// the tensor), read through the aligned vectors that cover each tile row. The width and the row, channel and
+// batch strides are multiples of the vector and src is 16-byte aligned, so a vector lies wholly inside a row of
+// the tensor or wholly outside it.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_input_rows(acc_t* tile, const scalar_t* __restrict__ src, const Geometry& g,
+                                                const Strides& s, int64_t n, int64_t c, int row0, int col0, int rows,
+                                                int cols) {
+  constexpr int kVec = Vector16<scalar_t>::kSize;
+  const int lead = col0 - div_floor(col0, kVec) * kVec;  // where tile column 0 sits in its vector
+  const int per_row = (lead + cols + kVec - 1) / kVec;
+  for (int e = threadIdx.x; e < rows * per_row; e += kThreads) {
+    const int r = e / per_row;
+    const int first = (e % per_row) * kVec - lead;  // tile column of the vector's first element
+    const int ih = row0 + r;
+    const int iw = col0 + first;
+    const bool inside = c < g.c && ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
+    Vector16<scalar_t> chunk;
+    if (inside) {
+      chunk = *reinterpret_cast<const Vector16<scalar_t>*>(src + n * s.n + c * s.c + ih * s.h + iw);
+    }
+    for (int k = 0; k < kVec; ++k) {
+      const int col = first + k;
+      if (col >= 0 && col < cols) {
+        tile[r * cols + col] = inside ? static_cast<acc_t>(chunk.v[k]) : acc_t(0);
+      }
+    }
+  }
+}
+
 // tile[(r * cols + col) * cb + cl] = src[n, c0 + cl, row0 + r, col0 + col] (0 outside the tensor), for
 // r < rows, col < cols, cl < cb.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_input_tile(acc_t* tile, const scalar_t* __restrict__ src, const Geometry& g,
                                                 const Strides& s, int64_t n, int64_t c0, int cb, int row0,
-                                                int col0, int rows, int cols, bool vector_loads) {
+                                                int col0, int rows, int cols, LoadMode mode) {
+  if (mode == kRowVectors) {
+    load_input_rows(tile, src, g, s, n, c0, row0, col0, rows, cols);
+    return;
+  }
   const int total = rows * cols * cb;
-  const int vec = vector_loads ? Vector16<scalar_t>::kSize : 1;
+  const int vec = mode == kChannelVectors ? Vector16<scalar_t>::kSize : 1;
   for (int e = threadIdx.x * vec; e < total; e += kThreads * vec) {
     const int cl = e % cb;
     const int q = e / cb;
@@ -214,7 +254,7 @@ __global__ void __launch_bounds__(kThreads)
       const int cols = (t.tw - 1) * g.sw + (cc - 1) * g.dw + 1;
       __syncthreads();
       load_input_tile(tile, x, g, sx, n, c0, t.cb, oh0 * g.sh - g.pad_top + r0 * g.dh,
-                      ow0 * g.sw - g.pad_left + q0 * g.dw, rows, cols, t.vector_loads);
+                      ow0 * g.sw - g.pad_left + q0 * g.dw, rows, cols, t.load_mode);
       __syncthreads();
       if (c < g.c) {
         int base[kOutputsPerThread];  // where each output's window starts in the tile
@@ -412,7 +452,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                     want_sums ? sums : nullptr);
     if (want_w) {
       load_input_tile(x_tile, x, g, sx, n, c0, t.cb, oh0 * g.sh - g.pad_top + r0 * g.dh,
-                      ow0 * g.sw - g.pad_left + q0 * g.dw, rows, cols, t.vector_loads);
+                      ow0 * g.sw - g.pad_left + q0 * g.dw, rows, cols, t.load_mode);
     }
     __syncthreads();
     if (want_w) {
@@ -535,11 +575,24 @@ void fit_shared(Tiling& t, const Geometry& g, std::size_t acc_bytes, SharedFloat
   }
 }
 
+// How the input tile can be read (see LoadMode); `aligned`: x is 16-byte aligned.
+inline LoadMode load_mode(const Tiling& t, const Strides& s, const Geometry& g, int vector_size, bool aligned) {
+  if (!aligned) {
+    return kScalarLoads;
+  }
+  if (channels_last(s, g)) {
+    return t.cb % vector_size == 0 && g.c % vector_size == 0 ? kChannelVectors : kScalarLoads;
+  }
+  const bool whole_rows = s.w == 1 && g.w % vector_size == 0 && s.h % vector_size == 0 && s.c % vector_size == 0 &&
+                          s.n % vector_size == 0;
+  return t.cb == 1 && whole_rows ? kRowVectors : kScalarLoads;
+}
+
 inline void finish_tiling(Tiling& t, int64_t out_h, int64_t out_w, const Strides& s, const Geometry& g,
                           int vector_size, bool aligned) {
   t.tiles_h = static_cast<int>((out_h + t.th - 1) / t.th);
   t.tiles_w = static_cast<int>((out_w + t.tw - 1) / t.tw);
-  t.vector_loads = channels_last(s, g) && t.cb % vector_size == 0 && g.c % vector_size == 0 && aligned;
+  t.load_mode = load_mode(t, s, g, vector_size, aligned);
 }
 
 inline int64_t fwd_tile_floats(const Tiling& t, const Geometry& g) {

@@ -240,6 +240,46 @@ def test_sizes_off_block_multiples(backend, shape, layout):
     check_op(backend, inputs, activation="gelu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation",
+    [((7, 7), 1, "same", 1), ((5, 4), 2, (2, 1), (1, 2))],
+    ids=["7x7", "5x4-s2-dil"],
+)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_nchw_widths_of_whole_vectors(backend, kernel, stride, padding, dilation, dtype):
+    """NCHW with a width of 16, a multiple of every dtype's 16-byte vector: the CUDA C++ kernels read the input
+    tile's rows as aligned vectors, tile rows starting mid-vector and vectors reaching past the tensor's edges."""
+    inputs = make_inputs((2, 3, 9, 16), kernel, stride, padding, dilation, dtype=dtype)
+    check_op(backend, inputs, stride=stride, padding=padding, dilation=dilation, activation="gelu")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_input_off_a_vector_boundary(backend, layout):
+    """x starting 4 bytes past a 16-byte boundary (a view at storage offset 1), widths and channels that would
+    otherwise be read in vectors: the result and gradients equal those of an aligned copy."""
+    shape = (2, 8, 6, 8)
+    inputs = make_inputs(shape, (3, 3), layout=layout)
+    storage = torch.zeros(inputs["x"].numel() + 1, device=DEVICE)
+    if layout == NCHW:
+        shifted = storage[1:].view(shape)
+    else:
+        shifted = storage[1:].view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+    shifted.copy_(inputs["x"])
+    assert shifted.data_ptr() % 16 != 0 and layout_of(shifted) == layout
+    dy = torch.randn(shape, device=DEVICE)
+    results = []
+    for x in (shifted, inputs["x"].clone()):
+        leaves = [x.requires_grad_(), inputs["weight"].clone().requires_grad_()]
+        with vitkern.backend(backend):
+            y = depthwise_conv2d(*leaves, activation="relu")
+        y.backward(dy)
+        results.append((y.detach(), *(t.grad for t in leaves)))
+    for name, got, want in zip(("output", "dx", "dweight"), *results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize(
     "kernel, stride, layout",
     [pytest.param((3, 3), 1, CHANNELS_LAST, id="3x3-cl"), pytest.param((7, 7), 2, NCHW, id="7x7-s2-nchw")],

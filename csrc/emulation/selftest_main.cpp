@@ -336,6 +336,9 @@ bool run_conv() {
       {1, 8, 9, 9, 13, 13, 1, 1, 1, 1, 6, 6, 6, 6, true, dw::kGelu, true},
       {1, 3, 11, 10, 4, 6, 2, 1, 2, 1, 3, 2, 3, 2, true, dw::kNone, true},
       {1, 1, 8, 8, 63, 63, 1, 1, 2, 2, 62, 62, 62, 62, false, dw::kGelu, true},
+      // NCHW widths that are multiples of the vector: rows read as 16-byte vectors, tile rows starting mid-vector
+      {2, 3, 10, 16, 7, 7, 1, 1, 1, 1, 3, 3, 3, 3, false, dw::kGelu, true},
+      {1, 4, 9, 12, 5, 4, 2, 2, 1, 2, 2, 2, 1, 5, false, dw::kRelu, true},
   };
   std::mt19937 rng(1234);
   bool ok = true;
