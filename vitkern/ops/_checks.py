@@ -56,4 +56,9 @@ def check_scale(scale: object) -> float | None:
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records a call on these tensors (None entries are absent optional arguments)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False

@@ -55,15 +55,15 @@ def _check_args(x, weight, bias, stride, padding, dilation, activation, scale, s
     check_tensor("x", x, ndim=4)
     check_tensor("weight", weight, ndim=4)
     check_like("weight", weight, "x", x)
-    channels = x.shape[1]
-    if weight.shape[0] != channels or weight.shape[1] != 1:
+    batch, channels, height, width = x.shape
+    weight_channels, weight_groups, kh, kw = weight.shape
+    if weight_channels != channels or weight_groups != 1:
         raise ValueError(
             f"weight: expected shape ({channels}, 1, kh, kw) for a depthwise convolution of {channels} channels, "
             f"got {tuple(weight.shape)}"
         )
-    kernel = (weight.shape[2], weight.shape[3])
-    if not (1 <= min(kernel) and max(kernel) <= MAX_KERNEL):
-        raise ValueError(f"weight: expected kernel sizes from 1 to {MAX_KERNEL}, got {kernel[0]}x{kernel[1]}")
+    if not (1 <= kh <= MAX_KERNEL and 1 <= kw <= MAX_KERNEL):
+        raise ValueError(f"weight: expected kernel sizes from 1 to {MAX_KERNEL}, got {kh}x{kw}")
     stride = pair("stride", stride, 1)
     dilation = pair("dilation", dilation, 1)
     if isinstance(padding, str):
@@ -73,13 +73,13 @@ def _check_args(x, weight, bias, stride, padding, dilation, activation, scale, s
         pair("padding", padding, 0)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-    pads = resolve_padding(padding, kernel, dilation)
-    out_h = output_size(x.shape[2], kernel[0], stride[0], pads[0], pads[1], dilation[0])
-    out_w = output_size(x.shape[3], kernel[1], stride[1], pads[2], pads[3], dilation[1])
+    pads = resolve_padding(padding, (kh, kw), dilation)
+    out_h = output_size(height, kh, stride[0], pads[0], pads[1], dilation[0])
+    out_w = output_size(width, kw, stride[1], pads[2], pads[3], dilation[1])
     if out_h < 1 or out_w < 1:
         raise ValueError(
-            f"x: input of spatial size {tuple(x.shape[2:])} is smaller than the dilated kernel "
-            f"{kernel[0]}x{kernel[1]} (dilation {dilation}) with padding {pads}: output would be {out_h}x{out_w}"
+            f"x: input of spatial size {(height, width)} is smaller than the dilated kernel {kh}x{kw} "
+            f"(dilation {dilation}) with padding {pads}: output would be {out_h}x{out_w}"
         )
     for name, vec in (("bias", bias), ("scale", scale), ("shift", shift)):
         if vec is not None:
@@ -89,7 +89,7 @@ def _check_args(x, weight, bias, stride, padding, dilation, activation, scale, s
     if residual is not None:
         check_tensor("residual", residual, ndim=4)
         check_like("residual", residual, "x", x)
-        check_shape("residual", residual, (x.shape[0], channels, out_h, out_w))
+        check_shape("residual", residual, (batch, channels, out_h, out_w))
     return stride, pads, dilation, (out_h, out_w)
 
 
