@@ -575,16 +575,21 @@ void fit_shared(Tiling& t, const Geometry& g, std::size_t acc_bytes, SharedFloat
   }
 }
 
+// Whether `stride` keeps 16-byte vectors aligned along a dimension of `size` (any stride does for size 1).
+inline bool vector_stride(int64_t stride, int64_t size, int vector_size) {
+  return size == 1 || stride % vector_size == 0;
+}
+
 // How the input tile can be read (see LoadMode); `aligned`: x is 16-byte aligned.
 inline LoadMode load_mode(const Tiling& t, const Strides& s, const Geometry& g, int vector_size, bool aligned) {
-  if (!aligned) {
+  if (!aligned || !vector_stride(s.n, g.n, vector_size) || !vector_stride(s.h, g.h, vector_size)) {
     return kScalarLoads;
   }
   if (channels_last(s, g)) {
-    return t.cb % vector_size == 0 && g.c % vector_size == 0 ? kChannelVectors : kScalarLoads;
+    const bool whole_pixels = t.cb % vector_size == 0 && g.c % vector_size == 0 && vector_stride(s.w, g.w, vector_size);
+    return whole_pixels ? kChannelVectors : kScalarLoads;
   }
-  const bool whole_rows = s.w == 1 && g.w % vector_size == 0 && s.h % vector_size == 0 && s.c % vector_size == 0 &&
-                          s.n % vector_size == 0;
+  const bool whole_rows = s.w == 1 && g.w % vector_size == 0 && vector_stride(s.c, g.c, vector_size);
   return t.cb == 1 && whole_rows ? kRowVectors : kScalarLoads;
 }
 

@@ -2,7 +2,8 @@
 // tests/test_cuda_emulation.py builds it with g++ (plain, and with -fsanitize=thread) and runs one mode:
 //
 //   selftest barrier | shared | dynamic_shared | grid | shuffle | atomic   runtime semantics
-//   selftest conv                                                         kernels against naive loops
+//   selftest conv                                                         kernels against naive loops,
+//                                                                         and their choice of loads
 //   selftest race                                                         a kernel missing a __syncthreads()
 //   selftest overflow                                                     a kernel writing past its shared memory
 //
@@ -327,6 +328,27 @@ bool run_case(const Case& k, std::mt19937& rng) {
   return ok;
 }
 
+// Which loads load_mode() picks: vectors only where the layout, the sizes and the alignment allow.
+bool run_load_modes() {
+  auto mode = [](int n, int c, int h, int w, bool channels_last, int vector_size, bool aligned) {
+    dw::Geometry g{};
+    g.n = n, g.c = c, g.h = h, g.w = w;
+    dw::Tiling t{};
+    t.cb = channels_last ? 8 : 1;
+    return dw::load_mode(t, strides_of(n, c, h, w, channels_last), g, vector_size, aligned);
+  };
+  bool ok = true;
+  ok &= report(mode(2, 3, 10, 16, false, 4, true) == dw::kRowVectors, "NCHW, width 16, fp32: row vectors");
+  ok &= report(mode(2, 3, 10, 16, false, 8, true) == dw::kRowVectors, "NCHW, width 16, fp16: row vectors");
+  ok &= report(mode(1, 1, 9, 8, false, 8, true) == dw::kRowVectors, "NCHW, one image of one channel: row vectors");
+  ok &= report(mode(2, 3, 10, 12, false, 8, true) == dw::kScalarLoads, "NCHW, width 12, fp16: scalar loads");
+  ok &= report(mode(2, 3, 10, 16, false, 4, false) == dw::kScalarLoads, "NCHW, misaligned: scalar loads");
+  ok &= report(mode(2, 8, 5, 7, true, 4, true) == dw::kChannelVectors, "channels_last, 8 channels: channel vectors");
+  ok &= report(mode(2, 6, 5, 7, true, 4, true) == dw::kScalarLoads, "channels_last, 6 channels: scalar loads");
+  ok &= report(mode(2, 8, 5, 7, true, 4, false) == dw::kScalarLoads, "channels_last, misaligned: scalar loads");
+  return ok;
+}
+
 bool run_conv() {
   const Case cases[] = {
       // n  c   h   w  kh  kw sh sw dh dw top bot left right  cl    act        epilogue
@@ -345,7 +367,7 @@ bool run_conv() {
   for (const Case& k : cases) {
     ok &= run_case(k, rng);
   }
-  return ok;
+  return ok && run_load_modes();
 }
 
 }  // namespace
