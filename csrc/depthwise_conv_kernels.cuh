@@ -103,6 +103,22 @@ struct alignas(16) Vector16 {
   scalar_t v[kSize];
 };
 
+// What a forward or dx block owns: grid (tiles_h * tiles_w, ceil(C / cb), N), one th x tw x cb tile per block.
+struct BlockTile {
+  int row0, col0;  // the tile's first pixel
+  int64_t c0, n;   // the block's first channel, its image
+  int cl;          // this thread's channel within the block (a thread always sees the same one)
+  int64_t c;       // c0 + cl
+  int outputs;     // th * tw * cb
+};
+
+__device__ __forceinline__ BlockTile block_tile(const Tiling& t) {
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * t.cb;
+  const int cl = static_cast<int>(threadIdx.x) % t.cb;
+  return {static_cast<int>(blockIdx.x / t.tiles_w) * t.th, static_cast<int>(blockIdx.x % t.tiles_w) * t.tw, c0,
+          static_cast<int64_t>(blockIdx.z), cl, c0 + cl, t.th * t.tw * t.cb};
+}
+
 // NCHW (cb = 1) rows of whole 16-byte vectors: tile[r * cols + col] = src[n, c, row0 + r, col0 + col] (0 outside
 // the tensor), read through the aligned vectors that cover each tile row. The width and the row, channel and
 // batch strides are multiples of the vector and src is 16-byte aligned, so a vector lies wholly inside a row of
@@ -232,13 +248,7 @@ __global__ void __launch_bounds__(kThreads)
                                 Strides sy, Tiling t, int act) {
   VITKERN_DYNAMIC_SHARED(acc_t, tile);
   const int tid = threadIdx.x;
-  const int oh0 = (blockIdx.x / t.tiles_w) * t.th;
-  const int ow0 = (blockIdx.x % t.tiles_w) * t.tw;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * t.cb;
-  const int64_t n = blockIdx.z;
-  const int cl = tid % t.cb;
-  const int64_t c = c0 + cl;
-  const int tile_outputs = t.th * t.tw * t.cb;
+  const auto [oh0, ow0, c0, n, cl, c, tile_outputs] = block_tile(t);
   const int taps = g.kh * g.kw;
 
   acc_t acc[kOutputsPerThread];
@@ -314,13 +324,7 @@ __global__ void __launch_bounds__(kThreads)
                                scalar_t* __restrict__ dx, Geometry g, Strides sx, Strides sy, Tiling t) {
   VITKERN_DYNAMIC_SHARED(acc_t, tile);
   const int tid = threadIdx.x;
-  const int ih0 = (blockIdx.x / t.tiles_w) * t.th;
-  const int iw0 = (blockIdx.x % t.tiles_w) * t.tw;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * t.cb;
-  const int64_t n = blockIdx.z;
-  const int cl = tid % t.cb;
-  const int64_t c = c0 + cl;
-  const int tile_outputs = t.th * t.tw * t.cb;
+  const auto [ih0, iw0, c0, n, cl, c, tile_outputs] = block_tile(t);
   const int taps = g.kh * g.kw;
   const int dh_q = g.dh / g.sh, dh_r = g.dh % g.sh;
   const int dw_q = g.dw / g.sw, dw_r = g.dw % g.sw;
