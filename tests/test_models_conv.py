@@ -196,7 +196,10 @@ def test_one_step_lowers_loss(family):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_torch_compile_fullgraph_matches_eager(family):
-    """One graph, with the fused custom ops in it (backend "triton"), matching the uncompiled eager model."""
+    """One graph, with the fused custom ops in it (backend "triton"), matching the uncompiled eager model. Dynamo
+    starts clean: several families share ``ClassifierModel.forward``, whose cache would otherwise hold the others'
+    compilations."""
+    torch._dynamo.reset()
     model, img = small_model(family)
     model = randomize(model).eval()
     x = torch.randn(BATCH, 3, img, img)

@@ -335,6 +335,14 @@ def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
     return [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
 
 
+def block_stack(depth: int, drop_path_rate: float, dim: int, num_heads: int, **block_kwargs) -> nn.Sequential:
+    """``depth`` Blocks of width ``dim`` with stochastic-depth rates from ``drop_path_rates``; ``block_kwargs`` go
+    to every Block."""
+    return nn.Sequential(
+        *(Block(dim, num_heads, drop_path=rate, **block_kwargs) for rate in drop_path_rates(drop_path_rate, depth))
+    )
+
+
 def make_head(dim: int, num_classes: int) -> nn.Module:
     """The classifier: Linear(dim, num_classes), or Identity for ``num_classes`` 0 (features only)."""
     if not isinstance(num_classes, int) or num_classes < 0:
@@ -342,29 +350,45 @@ def make_head(dim: int, num_classes: int) -> nn.Module:
     return nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
 
-class ClassTokenModel(nn.Module):
-    """timm's classifier interface for models whose head reads the class token (token 0) through ``mlp_head``.
+class ClassifierModel(nn.Module):
+    """timm's classifier interface: ``forward`` is ``forward_head(forward_features(x))``, and the head is a
+    ``make_head`` Linear on ``num_features`` kept under the attribute ``head_name``.
 
-    Subclasses set ``num_classes``, ``embed_dim``, ``mlp_head`` and define ``forward_features`` returning
-    (B, N, embed_dim) tokens.
+    Subclasses set ``num_classes``, ``num_features`` and the head, define ``forward_features`` and, where those
+    features are not already (B, num_features), ``pool_features``.
     """
 
+    head_name = "head"
     num_classes: int
-    embed_dim: int
+    num_features: int
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a fresh one for ``num_classes`` classes (0: no head, features out)."""
+        """Replace the classifier with a fresh one for ``num_classes`` (0: no classifier, features out)."""
         self.num_classes = num_classes
-        self.mlp_head = make_head(self.embed_dim, num_classes)
+        setattr(self, self.head_name, make_head(self.num_features, num_classes))
+
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward_features``' output -> (B, num_features)."""
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (B, N, embed_dim) -> logits (B, num_classes), or the class token (B, embed_dim) if ``pre_logits``."""
-        x = x[:, 0]
-        return x if pre_logits else self.mlp_head(x)
+        """Features -> logits (B, num_classes), or the pooled (B, num_features) if ``pre_logits``."""
+        x = self.pool_features(x)
+        return x if pre_logits else getattr(self, self.head_name)(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
+
+
+class ClassTokenModel(ClassifierModel):
+    """A classifier whose head reads the class token (token 0) through ``mlp_head``; ``forward_features`` returns
+    (B, N, num_features) tokens."""
+
+    head_name = "mlp_head"
+
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
 
 
 # --- depthwise convolution with BatchNorm (ConvMixer, CvT, CoAtNet) ---------------------------------------------

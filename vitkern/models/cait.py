@@ -27,14 +27,13 @@ from vitkern.models import register_model
 from vitkern.models._layers import (
     INIT_STD,
     Attention,
-    Block,
     ClassTokenModel,
     CrossAttention,
     DropPath,
     LayerScale,
     Mlp,
     PatchEmbed,
-    drop_path_rates,
+    block_stack,
     init_weights,
     layer_norm,
     make_head,
@@ -127,22 +126,18 @@ class CaiT(ClassTokenModel):
         self.pos_embedding = nn.Parameter(torch.zeros(1, self.to_patch_embedding.num_patches, embed_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.dropout = nn.Dropout(drop_rate)
-        self.patch_transformer = nn.Sequential(
-            *(
-                Block(
-                    embed_dim,
-                    num_heads,
-                    mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=rate,
-                    init_values=init_values,
-                    norm_layer=layer_norm,
-                    attn_layer=TalkingHeadAttention,
-                )
-                for rate in drop_path_rates(drop_path_rate, depth)
-            )
+        self.patch_transformer = block_stack(
+            depth,
+            drop_path_rate,
+            embed_dim,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop=drop_rate,
+            attn_drop=attn_drop_rate,
+            init_values=init_values,
+            norm_layer=layer_norm,
+            attn_layer=TalkingHeadAttention,
         )
         self.cls_transformer = nn.ModuleList(
             ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, init_values=init_values)

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from vitkern._backend import current_backend
 from vitkern.models import register_model
-from vitkern.models._layers import depthwise_act_bn, make_head
+from vitkern.models._layers import ClassifierModel, depthwise_act_bn, make_head
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -63,7 +63,7 @@ class ConvMixerLayer(nn.Module):
         return self.norm2(self.act2(self.point_wise_conv(x)))
 
 
-class ConvMixer(nn.Module):
+class ConvMixer(ClassifierModel):
     """ConvMixer-h/d: (B, in_chans, H, W) -> (B, num_classes).
 
     Args:
@@ -97,22 +97,13 @@ class ConvMixer(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = make_head(dim, num_classes)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` (0: no classifier, features out)."""
-        self.num_classes = num_classes
-        self.head = make_head(self.num_features, num_classes)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, dim, H / p, W / p)."""
         return self.blocks(self.patch_emb(x))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, dim, h, w) -> (B, num_classes), or the pooled (B, dim) with ``pre_logits``."""
-        x = self.pool(x).flatten(1)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, dim, h, w) -> the average (B, dim)."""
+        return self.pool(x).flatten(1)
 
 
 @register_model

@@ -26,6 +26,7 @@ import torch.nn as nn
 from vitkern._backend import current_backend
 from vitkern.models import register_model
 from vitkern.models._layers import (
+    ClassifierModel,
     Mlp,
     depthwise_act_bn,
     init_weights,
@@ -147,7 +148,7 @@ class CvTStage(nn.Module):
         return fmap.transpose(1, 2).reshape(b, c, h, w), cls_token
 
 
-class CvT(nn.Module):
+class CvT(ClassifierModel):
     """CvT: (B, in_chans, H, W) -> (B, num_classes); any input size the embeddings can stride over works.
 
     Args:
@@ -193,24 +194,12 @@ class CvT(nn.Module):
         self.apply(init_weights)
         nn.init.trunc_normal_(self.stages[-1].cls_token, std=CLS_STD)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` (0: no classifier, features out)."""
-        self.num_classes = num_classes
-        self.head = make_head(self.num_features, num_classes)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> the normalised class token (B, num_features)."""
         cls_token = None
         for stage in self.stages:
             x, cls_token = stage(x)
         return self.norm(cls_token[:, 0])
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, num_features) -> (B, num_classes)."""
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_model

@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from vitkern.models import register_model
 from vitkern.models._layers import (
     INIT_STD,
-    Block,
     PatchEmbed,
-    drop_path_rates,
+    block_stack,
     init_weights,
     layer_norm,
     make_head,
@@ -70,20 +69,16 @@ class DeiT(nn.Module):
         self.distillation_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.pos_embedding = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
         self.dropout = nn.Dropout(drop_rate)
-        self.blocks = nn.Sequential(
-            *(
-                Block(
-                    embed_dim,
-                    num_heads,
-                    mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=rate,
-                    norm_layer=layer_norm,
-                )
-                for rate in drop_path_rates(drop_path_rate, depth)
-            )
+        self.blocks = block_stack(
+            depth,
+            drop_path_rate,
+            embed_dim,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop=drop_rate,
+            attn_drop=attn_drop_rate,
+            norm_layer=layer_norm,
         )
         self.norm = layer_norm(embed_dim)
         self.mlp_head = make_head(embed_dim, num_classes)

@@ -27,7 +27,14 @@ import torch.nn as nn
 
 from vitkern._backend import current_backend
 from vitkern.models import register_model
-from vitkern.models._layers import Block, check_image_size, init_weights, make_head, to_pair
+from vitkern.models._layers import (
+    Block,
+    ClassifierModel,
+    check_image_size,
+    init_weights,
+    make_head,
+    to_pair,
+)
 from vitkern.ops.depthwise_conv import depthwise_conv2d
 
 LN_EPS = 1e-6
@@ -77,7 +84,7 @@ class Transformer(nn.Module):
         return x.transpose(1, 2).reshape(b, c, h, w), cls_token
 
 
-class PiT(nn.Module):
+class PiT(ClassifierModel):
     """PiT: (B, in_chans, img_size, img_size) -> (B, num_classes).
 
     Args:
@@ -126,11 +133,6 @@ class PiT(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=POS_EMBED_STD)
         self.apply(init_weights)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` (0: no classifier, features out)."""
-        self.num_classes = num_classes
-        self.head = make_head(self.num_features, num_classes)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> the normalised class token (B, num_features)."""
         check_image_size(x, self.img_size)
@@ -141,13 +143,6 @@ class PiT(nn.Module):
                 x, cls_token = self.pools[stage - 1](x, cls_token)
             x, cls_token = transformer(x, cls_token)
         return self.norm(cls_token[:, 0])
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, num_features) -> (B, num_classes)."""
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_model

@@ -24,11 +24,10 @@ import torch.nn as nn
 from vitkern.models import register_model
 from vitkern.models._layers import (
     INIT_STD,
-    Block,
     ClassTokenModel,
     Mlp,
+    block_stack,
     check_image_size,
-    drop_path_rates,
     init_weights,
     make_head,
     scaled_dot_product,
@@ -159,12 +158,9 @@ class T2TViT(ClassTokenModel):
             "pos_embedding", sinusoid_table(self.to_patch_embedding.num_patches + 1, embed_dim), persistent=False
         )
         self.dropout = nn.Dropout(drop_rate)
-        self.blocks = nn.Sequential(
-            *(
-                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                      drop_path=rate)
-                for rate in drop_path_rates(drop_path_rate, depth)
-            )
+        self.blocks = block_stack(
+            depth, drop_path_rate, embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+            attn_drop=attn_drop_rate,
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.mlp_head = make_head(embed_dim, num_classes)
