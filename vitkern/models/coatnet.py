@@ -182,7 +182,10 @@ class CoAtNet(ClassifierModel):
         for _ in range(5):
             sizes.append((math.ceil(sizes[-1][0] / 2), math.ceil(sizes[-1][1] / 2)))
         self.s0 = nn.Sequential(
-            *[conv_3x3_bn(in_chans if i == 0 else embed_dim[0], embed_dim[0], downsample=i == 0) for i in range(depth[0])]
+            *[
+                conv_3x3_bn(in_chans if i == 0 else embed_dim[0], embed_dim[0], downsample=i == 0)
+                for i in range(depth[0])
+            ]
         )
         for stage, kind in enumerate(block_types, start=1):
             blocks = []

@@ -12,7 +12,9 @@ branches have 20x20 patches of 12 and 14x14 patches of 16.
 Departures from lucidrains/vit-pytorch (``vit_pytorch/cross_vit.py``), following the paper and its code
 (IBM/CrossViT ``models/crossvit.py``): the class-token projections ``f`` and ``g`` are LayerNorm, GELU, Linear
 (vit-pytorch's ``ProjectInOut`` is a bare Linear); the fused class token replaces the branch's class token
-(vit-pytorch adds it as a residual); the logits are the mean of the two heads (vit-pytorch sums them); qkv biases and LayerNorm eps 1e-6 as in the paper's code.
+(vit-pytorch adds it as a residual); the logits are the mean of the two heads (vit-pytorch sums them); qkv biases
+and LayerNorm eps 1e-6 as in the paper's code. The heads are ``head`` (state_dicts saved with their former name
+``mlp_head`` still load).
 """
 
 from __future__ import annotations

@@ -50,17 +50,8 @@ class ReAttention(Attention):
     product with v, which SDPA cannot express).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        qkv_bias: bool = False,
-        qk_scale: float | None = None,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        transform_scale: bool = False,
-    ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop)
+    def __init__(self, dim: int, num_heads: int = 8, transform_scale: bool = False, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
         self.reattn_weights = nn.Parameter(torch.randn(num_heads, num_heads))
         self.reattn_norm = nn.BatchNorm2d(num_heads)
         self.reattn_scale = self.scale if transform_scale else 1.0
