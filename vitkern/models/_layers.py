@@ -1,4 +1,4 @@
-"""Transformer layers shared by vitkern's vision-transformer models.
+"""Layers shared by the families of vitkern's model set.
 
 Token tensors are (batch, tokens, dim); per-head tensors are (batch, heads, tokens, head_dim).
 

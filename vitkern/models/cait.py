@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from vitkern.models._layers import (
     Attention,
@@ -56,11 +57,16 @@ class TalkingHeadAttention(Attention):
         self.proj_l = nn.Linear(num_heads, num_heads)
         self.proj_w = nn.Linear(num_heads, num_heads)
 
+    @staticmethod
+    def mix_heads(proj: nn.Linear, attn: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, N) maps -> ``proj`` applied across the head axis at every (i, j), (B, H, N, N)."""
+        return rearrange(proj(rearrange(attn, "b h i j -> b i j h")), "b i j h -> b h i j")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
         attn = torch.matmul(q * self.scale, k.transpose(-1, -2))
-        attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(dim=-1)
-        attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        attn = self.mix_heads(self.proj_l, attn).softmax(dim=-1)
+        attn = self.mix_heads(self.proj_w, attn)
         attn = F.dropout(attn, self.attn_drop, self.training)
         return self.project(torch.matmul(attn, v))
 
