@@ -372,10 +372,8 @@ def make_head(dim: int, num_classes: int, layer: Callable[[int, int], nn.Module]
 def _rename_legacy_head_keys(module: ClassifierModel, state_dict: dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook: the keys of a classifier's former names (``module.legacy_head_names``) under their
     present names. ``load_state_dict`` passes its own copy of the caller's state_dict."""
-    for key in list(state_dict):
-        local = key[len(prefix):] if key.startswith(prefix) else None
-        if local is None:
-            continue
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        local = key[len(prefix):]
         for old, new in module.legacy_head_names.items():
             if local == old or local.startswith(old + "."):
                 state_dict[prefix + new + local[len(old):]] = state_dict.pop(key)
@@ -386,7 +384,7 @@ class ClassifierModel(nn.Module):
     """timm's classifier interface: ``forward`` is ``forward_head(forward_features(x))``, the classifier is
     ``head`` and, in a ``distilled`` model, ``head_dist`` (timm's ``levit.py`` and ``deit.py`` names).
 
-    Subclasses set ``num_classes`` and ``num_features``, call ``reset_classifier(num_classes)`` to build the heads,
+    Subclasses set ``num_features`` (and ``distilled``), call ``reset_classifier(num_classes)`` to build the heads,
     define ``forward_features`` and, where its output is not already the heads' input, ``pool_features``: (B, F)
     for ``head``, or in a distilled model one (B, F) tensor both heads read or a pair (head's, head_dist's).
     ``new_head`` builds one head (a Linear on ``num_features`` by default). A distilled model returns both heads'
