@@ -1,6 +1,9 @@
 """The emulation runtime's strict semantics and the tensor-core helpers of csrc/mma.h, through standalone drivers
 built with g++ (no torch):
 
+* csrc/emulation/strict_main.cpp: shared memory poisoned (0xFF) at every block start, blocks run in an order
+  shuffled by VITKERN_EMULATION_SEED (reproducible, and fatal to a kernel that depends on block order), vector
+  accesses that abort on misalignment naming the kernel and the address.
 * csrc/emulation/mma_layout_main.cpp: the fragments each lane holds after ldmatrix_a / ldmatrix_b /
   ldmatrix_b_trans and mma_m16n8k16, and the coordinates a_coord / b_coord / c_coord give, against the fragment
   figures of the PTX ISA transcribed below; and the faults of misaligned, non-shared or partial-warp use.
@@ -8,6 +11,8 @@ built with g++ (no torch):
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -102,6 +107,18 @@ def _run(binary: Path, *args: str, env: dict | None = None) -> subprocess.Comple
     return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S, env=env)
 
 
+def _seeded(seed: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "VITKERN_EMULATION_SEED"}
+    if seed is not None:
+        env["VITKERN_EMULATION_SEED"] = seed
+    return env
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory) -> Path:
+    return _build(CSRC / "emulation" / "strict_main.cpp", tmp_path_factory.mktemp("emu") / "strict")
+
+
 @pytest.fixture(scope="module")
 def mma_layout(tmp_path_factory) -> Path:
     return _build(CSRC / "emulation" / "mma_layout_main.cpp", tmp_path_factory.mktemp("emu") / "mma_layout")
@@ -152,3 +169,53 @@ def test_fragment_helpers_fault(mma_layout, mode, needles):
     assert result.returncode != 0 and "no fault" not in result.stdout, result.stdout + result.stderr
     for needle in needles:
         assert needle in result.stderr, result.stderr
+
+
+# --- stricter emulation -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["poison", "vectors"])
+def test_strict_driver(strict, mode):
+    result = _run(strict, mode)
+    assert result.returncode == 0 and f"{mode} ok" in result.stdout, result.stdout + result.stderr
+
+
+def _block_order(strict: Path, seed: str | None) -> list[int]:
+    result = _run(strict, "order", env=_seeded(seed))
+    assert result.returncode == 0 and "order ok" in result.stdout, result.stdout + result.stderr
+    return [int(b) for b in result.stdout.splitlines()[0].split()]
+
+
+def test_blocks_run_in_a_seeded_shuffled_order(strict):
+    default = _block_order(strict, None)
+    assert sorted(default) == list(range(64))
+    assert default != list(range(64))
+    assert _block_order(strict, None) == default, "the same seed must give the same order"
+    assert _block_order(strict, "0") == default, "the default seed is 0"
+    other = _block_order(strict, "12345")
+    assert sorted(other) == list(range(64)) and other != default
+
+
+@pytest.mark.parametrize("seed", ["0", "1", "2"])
+def test_kernel_depending_on_block_order_fails(strict, seed):
+    result = _run(strict, "order_dependent", env=_seeded(seed))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED: the chain built by order_dependent_kernel" in result.stdout
+
+
+def test_bad_seed_is_rejected(strict):
+    result = _run(strict, "order", env=_seeded("-3"))
+    assert result.returncode != 0
+    assert "VITKERN_EMULATION_SEED: expected an unsigned integer, got '-3'" in result.stderr
+
+
+@pytest.mark.parametrize("mode,access,pointer", [("misaligned_load", "load", 1), ("misaligned_store", "store", 3)])
+def test_misaligned_vector_access_aborts(strict, mode, access, pointer):
+    result = _run(strict, mode)
+    assert result.returncode != 0 and f"{mode} ok" not in result.stdout, result.stdout + result.stderr
+    # The driver prints the two pointers it passes; the faulting one must be named, with the kernel.
+    address = result.stdout.split()[pointer]
+    assert re.fullmatch(r"0x[0-9a-f]+", address), result.stdout
+    message = f"misaligned vector {access} at address {address} (needs 16-byte alignment) in kernel "
+    assert message in result.stderr, result.stderr
+    assert "vector_kernel(float const*, float*)" in result.stderr
