@@ -1,7 +1,7 @@
 // A small CUDA runtime emulation: the kernels of csrc/ compile unchanged with the host C++ compiler (C++20).
 //
 // A launch spawns one OS thread per thread of the block. Each OS thread walks the blocks of the grid in the same
-// order, so exactly one block runs at a time; a barrier after each block keeps them in step. Consequently
+// (shuffled, below) order, so exactly one block runs at a time; a barrier after each block keeps them in step. Consequently
 //   * __syncthreads() is a std::barrier shared by the block's threads,
 //   * __shared__ is `static` (one instance, used by one block at a time) and the dynamic shared memory of the
 //     launch is one buffer,
@@ -21,8 +21,8 @@
 //     launch, in the ELF symbol table of the file it was loaded from: its static locals are the symbols named
 //     _ZZ<kernel's mangled name without _Z>E... (Itanium C++ ABI, "Scope Encoding"). Only a kernel's own
 //     __shared__ variables are poisoned, not those of __device__ functions it calls. (A linker section for
-//     __shared__ variables, bounded by __start_/__stop_ symbols, would need no symbol table, but GCC ignores the
-//     section attribute on the static locals of function templates, as GCC 12 does.)
+//     __shared__ variables, bounded by __start_/__stop_ symbols, would need no symbol table, but GCC 12 ignores
+//     the section attribute on the static locals of function templates.)
 //   * Vector accesses (vitkern::load_vector / store_vector of csrc/launch.h) and the fragment loads of csrc/mma.h
 //     check their alignment; a misaligned one aborts with a message naming the kernel and the address.
 #pragma once
@@ -113,7 +113,9 @@ inline __nv_bfloat16 __float2bfloat16_rn(float v) {
   }
   return {static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
 }
-inline float __bfloat162float(__nv_bfloat16 v) { return std::bit_cast<float>(static_cast<std::uint32_t>(v.bits) << 16); }
+inline float __bfloat162float(__nv_bfloat16 v) {
+  return std::bit_cast<float>(static_cast<std::uint32_t>(v.bits) << 16);
+}
 
 namespace vitkern::emu {
 
@@ -241,8 +243,9 @@ inline const KernelInfo& kernel_info(const void* kernel) {
   }
   KernelInfo info{demangle(self->name), {}};
   // Static locals of _Z<encoding> are _ZZ<encoding>E<name>; of an extern "C" function f, _ZZ<len>fE<name>.
-  const std::string prefix = self->name.rfind("_Z", 0) == 0 ? "_ZZ" + self->name.substr(2) + "E"
-                                                              : "_ZZ" + std::to_string(self->name.size()) + self->name + "E";
+  const bool mangled = self->name.rfind("_Z", 0) == 0;
+  const std::string prefix =
+      "_ZZ" + (mangled ? self->name.substr(2) : std::to_string(self->name.size()) + self->name) + "E";
   for (const Symbol& sym : symbols) {
     if (sym.type == STT_OBJECT && sym.writable && sym.size > 0 && sym.name.rfind(prefix, 0) == 0) {
       info.shared.emplace_back(reinterpret_cast<unsigned char*>(sym.address), sym.size);
