@@ -15,6 +15,10 @@
 //   B (16 x 8, k x n),      b0..b3: row = 2 * threadID_in_group + (i & 1) (+ 8 for b2, b3), col = groupID
 //   C, D (16 x 8, fp32),    c0..c3: row = groupID (+ 8 for c2, c3), col = 2 * threadID_in_group + (i & 1)
 // Two consecutive 16-bit elements share a 32-bit register, the lower-numbered one in the low half.
+//
+// The ldmatrix helpers read a tile of the kernel's own __shared__ arrays or of its dynamic shared memory; the
+// emulation faults on any other address (global memory, or a __shared__ array of a __device__ function, which
+// it does not track).
 // ldmatrix (PTX ISA, section "Warp-level matrix load instruction: ldmatrix"): lanes 8m .. 8m + 7 give the
 // addresses of rows 0..7 of matrix m (16 bytes each, 16-byte aligned, in shared memory); register m of lane l
 // receives row l / 4, columns 2 * (l % 4) and 2 * (l % 4) + 1 of matrix m, or with .trans rows 2 * (l % 4) and

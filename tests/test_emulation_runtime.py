@@ -97,14 +97,16 @@ def _figure(text: str) -> dict[tuple[int, int], tuple[int, int]]:
     return where
 
 
-def _build(source: Path, out: Path) -> Path:
+def _build(source: Path, out: Path, *flags: str) -> Path:
     assert CXX is not None, "g++ is needed to build the emulation test drivers"
-    subprocess.run([CXX, *COMPILE, str(source), "-o", str(out)], check=True, capture_output=True, text=True)
+    subprocess.run([CXX, *COMPILE, *flags, str(source), "-o", str(out)], check=True, capture_output=True, text=True)
     return out
 
 
 def _run(binary: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S, env=env)
+    return subprocess.run(
+        [str(binary), *args], check=False, capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S, env=env
+    )
 
 
 def _seeded(seed: str | None) -> dict:
@@ -219,3 +221,13 @@ def test_misaligned_vector_access_aborts(strict, mode, access, pointer):
     message = f"misaligned vector {access} at address {address} (needs 16-byte alignment) in kernel "
     assert message in result.stderr, result.stderr
     assert "vector_kernel(float const*, float*)" in result.stderr
+
+
+@pytest.mark.slow
+def test_strict_runtime_under_thread_sanitizer(tmp_path):
+    """Poisoning between blocks and the warp exchange of the fragment helpers are free of data races."""
+    for source, args in [("strict_main.cpp", ["poison"]), ("mma_layout_main.cpp", ["layout", "f16"])]:
+        binary = _build(CSRC / "emulation" / source, tmp_path / source.removesuffix(".cpp"), "-g", "-fsanitize=thread")
+        result = _run(binary, *args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "ThreadSanitizer" not in result.stderr, result.stderr
