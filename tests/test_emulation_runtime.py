@@ -205,10 +205,11 @@ def test_kernel_depending_on_block_order_fails(strict, seed):
     assert "FAILED: the chain built by order_dependent_kernel" in result.stdout
 
 
-def test_bad_seed_is_rejected(strict):
-    result = _run(strict, "order", env=_seeded("-3"))
+@pytest.mark.parametrize("seed", ["-3", "7x", "+1", "99999999999999999999999"])
+def test_bad_seed_is_rejected(strict, seed):
+    result = _run(strict, "order", env=_seeded(seed))
     assert result.returncode != 0
-    assert "VITKERN_EMULATION_SEED: expected an unsigned integer, got '-3'" in result.stderr
+    assert f"VITKERN_EMULATION_SEED: expected an unsigned integer, got '{seed}'" in result.stderr
 
 
 @pytest.mark.parametrize("mode,access,pointer", [("misaligned_load", "load", 1), ("misaligned_store", "store", 3)])

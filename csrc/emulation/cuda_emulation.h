@@ -36,6 +36,7 @@
 #include <atomic>
 #include <barrier>
 #include <bit>
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -327,8 +328,9 @@ inline std::uint64_t block_order_seed() {
     return kDefaultSeed;
   }
   char* end = nullptr;
+  errno = 0;
   const unsigned long long seed = std::strtoull(text, &end, 10);
-  if (*end != '\0' || text[0] == '-') {
+  if (*end != '\0' || text[0] < '0' || text[0] > '9' || errno == ERANGE) {
     throw std::invalid_argument(std::string("VITKERN_EMULATION_SEED: expected an unsigned integer, got '") + text +
                                 "'");
   }
