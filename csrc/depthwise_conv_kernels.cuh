@@ -138,7 +138,7 @@ __device__ __forceinline__ void load_input_rows(acc_t* tile, const scalar_t* __r
     const bool inside = c < g.c && ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
     Vector16<scalar_t> chunk;
     if (inside) {
-      chunk = *reinterpret_cast<const Vector16<scalar_t>*>(src + n * s.n + c * s.c + ih * s.h + iw);
+      chunk = load_vector<Vector16<scalar_t>>(src + n * s.n + c * s.c + ih * s.h + iw);
     }
     for (int k = 0; k < kVec; ++k) {
       const int col = first + k;
@@ -172,7 +172,7 @@ __device__ __forceinline__ void load_input_tile(acc_t* tile, const scalar_t* __r
     if (vec > 1) {
       Vector16<scalar_t> chunk;
       if (inside) {
-        chunk = *reinterpret_cast<const Vector16<scalar_t>*>(src + offset);
+        chunk = load_vector<Vector16<scalar_t>>(src + offset);
       }
       for (int k = 0; k < Vector16<scalar_t>::kSize; ++k) {
         tile[e + k] = inside ? static_cast<acc_t>(chunk.v[k]) : acc_t(0);

@@ -2,9 +2,9 @@
 
 * The emulation runtime itself (csrc/emulation/cuda_emulation.h): barrier, static and dynamic shared memory, grid
   indexing, warp shuffles and atomics, through the standalone driver csrc/emulation/selftest_main.cpp built with g++.
-* The kernels under ThreadSanitizer and AddressSanitizer: the same driver runs forward and backward on a
-  few shapes against naive loops and must report nothing; a kernel missing a ``__syncthreads()`` (a race) and one
-  writing past its shared memory must be reported.
+* The kernels under ThreadSanitizer and AddressSanitizer: the same driver runs each family of kernels
+  (KERNEL_MODES: forward and backward on a few shapes against naive loops) and must report nothing; a kernel
+  missing a ``__syncthreads()`` (a race) and one writing past its shared memory must be reported.
 * The ops of ``vitkern._emulation`` (``torch.ops.vitkern_emu``) behind ``vitkern.backend("cuda")`` on CPU tensors,
   against ``vitkern.reference``: forward and every gradient, fp32/fp16/bf16, both memory formats, and the kernel
   contract (output_mask, memory format, determinism, argument checks).
@@ -30,6 +30,8 @@ SELFTEST = CSRC / "emulation" / "selftest_main.cpp"
 CXX = shutil.which("g++")
 COMPILE = ["-std=c++20", "-pthread", "-DVITKERN_EMULATION=1", f"-I{CSRC}"]
 RUNTIME_MODES = ("barrier", "shared", "dynamic_shared", "grid", "shuffle", "atomic")
+# Driver modes that run a family of kernels against naive loops; each also runs under both sanitizers.
+KERNEL_MODES = ("conv",)
 DRIVER_TIMEOUT_S = 600
 
 
@@ -48,7 +50,7 @@ def selftest(tmp_path_factory) -> Path:
     return _build(tmp_path_factory.mktemp("emu") / "selftest", "-O1")
 
 
-@pytest.mark.parametrize("mode", [*RUNTIME_MODES, "conv"])
+@pytest.mark.parametrize("mode", [*RUNTIME_MODES, *KERNEL_MODES])
 def test_driver(selftest, mode):
     result = _run(selftest, mode)
     assert result.returncode == 0 and f"{mode} ok" in result.stdout, result.stdout + result.stderr
@@ -57,9 +59,10 @@ def test_driver(selftest, mode):
 @pytest.mark.slow
 def test_kernels_under_thread_sanitizer(tmp_path):
     binary = _build(tmp_path / "selftest_tsan", "-O1", "-g", "-fsanitize=thread")
-    clean = _run(binary, "conv")
-    assert clean.returncode == 0 and "conv ok" in clean.stdout, clean.stdout + clean.stderr
-    assert "ThreadSanitizer" not in clean.stderr, clean.stderr
+    for mode in KERNEL_MODES:
+        clean = _run(binary, mode)
+        assert clean.returncode == 0 and f"{mode} ok" in clean.stdout, clean.stdout + clean.stderr
+        assert "ThreadSanitizer" not in clean.stderr, clean.stderr
     # The sanitizer must see a shared-memory race: this is what a missing __syncthreads() looks like.
     racy = _run(binary, "race")
     assert "WARNING: ThreadSanitizer: data race" in racy.stderr, racy.stdout + racy.stderr
@@ -69,9 +72,10 @@ def test_kernels_under_thread_sanitizer(tmp_path):
 @pytest.mark.slow
 def test_kernels_under_address_sanitizer(tmp_path):
     binary = _build(tmp_path / "selftest_asan", "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address")
-    clean = _run(binary, "conv")
-    assert clean.returncode == 0 and "conv ok" in clean.stdout, clean.stdout + clean.stderr
-    assert "AddressSanitizer" not in clean.stderr, clean.stderr
+    for mode in KERNEL_MODES:
+        clean = _run(binary, mode)
+        assert clean.returncode == 0 and f"{mode} ok" in clean.stdout, clean.stdout + clean.stderr
+        assert "AddressSanitizer" not in clean.stderr, clean.stderr
     # An out-of-bounds shared-memory write must be reported.
     overflow = _run(binary, "overflow")
     assert overflow.returncode != 0

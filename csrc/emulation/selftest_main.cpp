@@ -1,5 +1,6 @@
 // Standalone checks of the emulation runtime and of the depthwise-convolution kernels (float), without torch.
-// tests/test_cuda_emulation.py builds it with g++ (plain, and with -fsanitize=thread) and runs one mode:
+// tests/test_cuda_emulation.py builds it with g++ (plain, and with -fsanitize=thread or address) and runs one
+// mode (the table kModes at the end):
 //
 //   selftest barrier | shared | dynamic_shared | grid | shuffle | atomic   runtime semantics
 //   selftest conv                                                         kernels against naive loops,
@@ -370,39 +371,36 @@ bool run_conv() {
   return ok && run_load_modes();
 }
 
+// The modes, by name. A family of kernels checked against naive loops goes here and in KERNEL_MODES of
+// tests/test_cuda_emulation.py, which runs it plainly and under AddressSanitizer and ThreadSanitizer.
+struct Mode {
+  const char* name;
+  bool (*run)();
+};
+
+constexpr Mode kModes[] = {
+    {"barrier", run_barrier}, {"shared", run_shared}, {"dynamic_shared", run_dynamic_shared},
+    {"grid", run_grid},       {"shuffle", run_shuffle}, {"atomic", run_atomic},
+    {"conv", run_conv},       {"race", run_race},     {"overflow", run_overflow},
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::printf("usage: %s barrier|shared|dynamic_shared|grid|shuffle|atomic|conv|race|overflow\n", argv[0]);
-    return 2;
+  const std::string mode = argc == 2 ? argv[1] : "";
+  for (const Mode& m : kModes) {
+    if (mode == m.name) {
+      const bool ok = m.run();
+      if (ok) {
+        std::printf("%s ok\n", m.name);
+      }
+      return ok ? 0 : 1;
+    }
   }
-  const std::string mode = argv[1];
-  bool ok;
-  if (mode == "barrier") {
-    ok = run_barrier();
-  } else if (mode == "shared") {
-    ok = run_shared();
-  } else if (mode == "dynamic_shared") {
-    ok = run_dynamic_shared();
-  } else if (mode == "grid") {
-    ok = run_grid();
-  } else if (mode == "shuffle") {
-    ok = run_shuffle();
-  } else if (mode == "atomic") {
-    ok = run_atomic();
-  } else if (mode == "conv") {
-    ok = run_conv();
-  } else if (mode == "race") {
-    ok = run_race();
-  } else if (mode == "overflow") {
-    ok = run_overflow();
-  } else {
-    std::printf("unknown mode %s\n", mode.c_str());
-    return 2;
+  std::printf("usage: %s MODE, one of:", argv[0]);
+  for (const Mode& m : kModes) {
+    std::printf(" %s", m.name);
   }
-  if (ok) {
-    std::printf("%s ok\n", mode.c_str());
-  }
-  return ok ? 0 : 1;
+  std::printf("\n");
+  return 2;
 }
