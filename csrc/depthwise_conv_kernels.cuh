@@ -337,7 +337,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// --- the sliding-window forward: stride 1, dilation 1, a square K x K kernel known at compile time ---------------
+// --- sliding-window kernels: stride 1, dilation 1, a square K x K kernel known at compile time -----------------
 //
 // Each thread computes a run of consecutive outputs of one row. For each kernel row it reads the run's input window
 // (run + K - 1 values) from shared memory into registers, 16 bytes at a time, and that row's K weights (16-byte
@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(kThreads)
 //     a block holds kClChannels channels of a th x tw tile, tile[(row * cols + col) * kClChannels + channel] and
 //     weights[tap][kClChannels] (tap-major, so their load reads the weight tensor coalesced per channel).
 // The input tile is stored in fp32: each value is read by every window that covers it, so it is converted once,
-// when loaded from global memory.
+// when loaded from global memory. dx is the same correlation over dz with the kernel flipped (stride 1).
 
 constexpr int kNchwRun = 8;
 constexpr int kClRun = 4;
@@ -370,16 +370,13 @@ struct WindowTiling {
   LoadMode load_mode;
 };
 
-// grid (tiles_h * tiles_w, channel blocks, N), block kThreads; pointers as for depthwise_conv2d_fwd_kernel. One
-// resident block per SM is all the launch bounds require, so ptxas never spills to fit more (it needs few
-// registers anyway).
-template <typename scalar_t, typename acc_t, int K, bool kChannelsLast>
-__global__ void __launch_bounds__(kThreads, 1)
-    depthwise_conv2d_fwd_window_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-                                       const scalar_t* __restrict__ bias, const scalar_t* __restrict__ scale,
-                                       const scalar_t* __restrict__ shift, const scalar_t* __restrict__ residual,
-                                       scalar_t* __restrict__ y, scalar_t* __restrict__ z, Geometry g, Strides sx,
-                                       Strides sy, WindowTiling t, int act) {
+// The body of a sliding-window block over an out_h x out_w output: grid (tiles_h * tiles_w, channel blocks, N),
+// block kThreads. load_tile(dst, c, cb, oh0, ow0) fills the input tile of channels [c, c + cb) for the output tile
+// at (oh0, ow0) (as load_input_tile lays it out); weight_at(c, i, j) is channel c's weight at tap (i, j);
+// store(v, c, oh, ow) writes one output (called only inside the output and the channels).
+template <typename acc_t, int K, bool kChannelsLast, typename LoadTile, typename WeightAt, typename Store>
+__device__ __forceinline__ void window_conv(const WindowTiling& t, int64_t channels, int out_h, int out_w,
+                                            LoadTile&& load_tile, WeightAt&& weight_at, Store&& store) {
   static_assert(sizeof(acc_t) * kChannelVector == 16, "the shared tile is read as 16-byte vectors of fp32");
   using Vec = Vector16<acc_t>;
   constexpr int kRun = kChannelsLast ? kClRun : kNchwRun;
@@ -388,32 +385,29 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kLanes = kChannelsLast ? kClLanes : 1;
   VITKERN_DYNAMIC_SHARED(acc_t, smem);
   const int tid = threadIdx.x;
-  const int64_t n = blockIdx.z;
   const int oh0 = static_cast<int>(blockIdx.x / t.tiles_w) * t.th;
   const int ow0 = static_cast<int>(blockIdx.x % t.tiles_w) * t.tw;
   const int plane = t.rows * t.cols * (kChannelsLast ? kClChannels : 1);
   acc_t* tile = smem;
   acc_t* wts = smem + t.groups * plane;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * (kChannelsLast ? kClChannels : t.groups);
-  const Epilogue<scalar_t, acc_t> epilogue{bias, scale, shift, residual, y, z, act};
 
   if constexpr (kChannelsLast) {
-    load_input_tile(tile, x, g, sx, n, c0, kClChannels, oh0 - g.pad_top, ow0 - g.pad_left, t.rows, t.cols,
-                    t.load_mode);
+    load_tile(tile, c0, kClChannels, oh0, ow0);
     for (int e = tid; e < K * K * kClChannels; e += kThreads) {
       const int64_t c = c0 + e % kClChannels;
-      wts[e] = c < g.c ? static_cast<acc_t>(weight[c * K * K + e / kClChannels]) : acc_t(0);
+      const int tap = e / kClChannels;
+      wts[e] = c < channels ? weight_at(c, tap / K, tap % K) : acc_t(0);
     }
   } else {
     for (int p = 0; p < t.groups; ++p) {
-      load_input_tile(tile + p * plane, x, g, sx, n, c0 + p, 1, oh0 - g.pad_top, ow0 - g.pad_left, t.rows, t.cols,
-                      t.load_mode);
+      load_tile(tile + p * plane, c0 + p, 1, oh0, ow0);
     }
     for (int e = tid; e < t.groups * K * kPitch; e += kThreads) {
       const int64_t c = c0 + e / (K * kPitch);
       const int i = (e / kPitch) % K;
       const int j = e % kPitch;
-      wts[e] = j < K && c < g.c ? static_cast<acc_t>(weight[c * K * K + i * K + j]) : acc_t(0);
+      wts[e] = j < K && c < channels ? weight_at(c, i, j) : acc_t(0);
     }
   }
   __syncthreads();
@@ -453,14 +447,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       in += t.cols * kClChannels;
       w += K * kClChannels;
     }
-    if (oh < g.oh) {
+    if (oh < out_h) {
       VITKERN_UNROLL
       for (int e = 0; e < kChannelVector; ++e) {
         const int64_t c = c0 + lane * kChannelVector + e;
         VITKERN_UNROLL
         for (int r = 0; r < kRun; ++r) {
-          if (c < g.c && ow + r < g.ow) {
-            epilogue.store(acc[r][e], n * sy.n + c * sy.c + oh * sy.h + (ow + r) * sy.w, c);
+          if (c < channels && ow + r < out_w) {
+            store(acc[r][e], c, oh, ow + r);
           }
         }
       }
@@ -500,15 +494,56 @@ __global__ void __launch_bounds__(kThreads, 1)
       w += kPitch;
     }
     const int64_t c = c0 + group;
-    if (c < g.c && oh < g.oh) {
+    if (c < channels && oh < out_h) {
       VITKERN_UNROLL
       for (int r = 0; r < kRun; ++r) {
-        if (ow + r < g.ow) {
-          epilogue.store(acc[r], n * sy.n + c * sy.c + oh * sy.h + (ow + r) * sy.w, c);
+        if (ow + r < out_w) {
+          store(acc[r], c, oh, ow + r);
         }
       }
     }
   }
+}
+
+// Forward over the window (see above); pointers as for depthwise_conv2d_fwd_kernel. One resident block per SM is
+// all the launch bounds require, so ptxas never spills to fit more (it needs few registers anyway).
+template <typename scalar_t, typename acc_t, int K, bool kChannelsLast>
+__global__ void __launch_bounds__(kThreads, 1)
+    depthwise_conv2d_fwd_window_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+                                       const scalar_t* __restrict__ bias, const scalar_t* __restrict__ scale,
+                                       const scalar_t* __restrict__ shift, const scalar_t* __restrict__ residual,
+                                       scalar_t* __restrict__ y, scalar_t* __restrict__ z, Geometry g, Strides sx,
+                                       Strides sy, WindowTiling t, int act) {
+  const int64_t n = blockIdx.z;
+  const Epilogue<scalar_t, acc_t> epilogue{bias, scale, shift, residual, y, z, act};
+  window_conv<acc_t, K, kChannelsLast>(
+      t, g.c, static_cast<int>(g.oh), static_cast<int>(g.ow),
+      [&](acc_t* dst, int64_t c, int cb, int oh0, int ow0) {
+        load_input_tile(dst, x, g, sx, n, c, cb, oh0 - g.pad_top, ow0 - g.pad_left, t.rows, t.cols, t.load_mode);
+      },
+      [&](int64_t c, int i, int j) { return static_cast<acc_t>(weight[c * K * K + i * K + j]); },
+      [&](acc_t v, int64_t c, int oh, int ow) { epilogue.store(v, n * sy.n + c * sy.c + oh * sy.h + ow * sy.w, c); });
+}
+
+// dx over the window: the correlation of dz with the flipped kernel, dz padded by K - 1 - padding. Arguments as
+// for depthwise_conv2d_dx_kernel.
+template <typename scalar_t, typename acc_t, int K, bool kChannelsLast>
+__global__ void __launch_bounds__(kThreads, 1)
+    depthwise_conv2d_dx_window_kernel(GradSource<scalar_t, acc_t> grad, const scalar_t* __restrict__ weight,
+                                      scalar_t* __restrict__ dx, Geometry g, Strides sx, Strides sy, WindowTiling t) {
+  const int64_t n = blockIdx.z;
+  window_conv<acc_t, K, kChannelsLast>(
+      t, g.c, static_cast<int>(g.h), static_cast<int>(g.w),
+      [&](acc_t* dst, int64_t c, int cb, int ih0, int iw0) {
+        load_grad_tile<scalar_t, acc_t>(dst, grad, g, sy, n, c, cb, ih0 + g.pad_top - (K - 1),
+                                        iw0 + g.pad_left - (K - 1), t.rows, t.cols, nullptr);
+      },
+      [&](int64_t c, int i, int j) {
+        return static_cast<acc_t>(weight[c * K * K + (K - 1 - i) * K + (K - 1 - j)]);
+      },
+      [&](acc_t v, int64_t c, int ih, int iw) {
+        dx[n * sx.n + c * sx.c + ih * sx.h + iw * sx.w] = static_cast<scalar_t>(v);
+      });
 }
 
 // dx, the transposed convolution of dz. grid (tiles_h * tiles_w over the input, ceil(C / cb), N), block
@@ -892,15 +927,17 @@ template <int... Ks>
 struct KernelSizes {};
 using WindowKernelSizes = KernelSizes<3, 5, 7, 9, 13, 31>;
 
-// Sets t to the sliding-window tiling of a K x K forward over g; false when shared memory cannot hold even the
-// smallest tile.
-inline bool window_tiling(const Geometry& g, const Strides& sx, int vector_size, bool aligned, WindowTiling& t) {
+// Sets t to the sliding-window tiling of a K x K kernel over an out_h x out_w output (the forward's output, or
+// dx's input); false when shared memory cannot hold even the smallest tile. vector_size and aligned as for
+// load_mode (how x is read; dz is read element by element).
+inline bool window_tiling(const Geometry& g, const Strides& sx, int64_t out_h, int64_t out_w, int vector_size,
+                          bool aligned, WindowTiling& t) {
   const int k = g.kh;
   const bool cl = channels_last(sx, g);
   const int run = cl ? kClRun : kNchwRun;
   const int lanes = cl ? kClLanes : 1;
-  const int ow = static_cast<int>(std::min<int64_t>(g.ow, 1 << 20));
-  const int oh = static_cast<int>(std::min<int64_t>(g.oh, 1 << 20));
+  const int ow = static_cast<int>(out_w);
+  const int oh = static_cast<int>(out_h);
   t = WindowTiling{};
   t.tc = std::min((ow + run - 1) / run, kThreads / lanes / 4);
   t.tw = t.tc * run;
@@ -934,20 +971,13 @@ inline bool window_tiling(const Geometry& g, const Strides& sx, int vector_size,
   return true;
 }
 
-// A forward launch: the generic kernel (window == 0, tiling) or the sliding-window kernel for K = window
+// A forward or dx launch: the generic kernel (window == 0, tiling) or the sliding-window kernel for K = window
 // (window_tiling, channels_last as `cl`).
-struct FwdLaunch {
+struct ConvLaunch {
   int window;
   bool cl;
   Tiling tiling;
   WindowTiling window_tiling;
-  dim3 grid, block;
-  std::size_t shared_bytes;
-};
-
-// Grid, block and dynamic shared memory of a dx launch.
-struct TileLaunch {
-  Tiling tiling;
   dim3 grid, block;
   std::size_t shared_bytes;
 };
@@ -957,13 +987,14 @@ bool has_window_kernel(int k, KernelSizes<Ks...>) {
   return ((k == Ks) || ...);
 }
 
-// `aligned`: x is 16-byte aligned (a tensor allocated by torch always is).
+// The sliding-window launch over out_h x out_w when g allows one (else window == 0).
 template <typename scalar_t, typename acc_t>
-FwdLaunch plan_fwd(const Geometry& g, const Strides& sx, bool aligned) {
-  FwdLaunch l{};
+ConvLaunch plan_window(const Geometry& g, const Strides& sx, int64_t out_h, int64_t out_w, bool aligned) {
+  ConvLaunch l{};
   const bool window = g.kh == g.kw && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 &&
-                      has_window_kernel(g.kh, WindowKernelSizes{}) && std::is_same_v<acc_t, float>;
-  if (window && window_tiling(g, sx, Vector16<scalar_t>::kSize, aligned, l.window_tiling)) {
+                      has_window_kernel(g.kh, WindowKernelSizes{}) && std::is_same_v<acc_t, float> &&
+                      out_h <= INT32_MAX / 2 && out_w <= INT32_MAX / 2;
+  if (window && window_tiling(g, sx, out_h, out_w, Vector16<scalar_t>::kSize, aligned, l.window_tiling)) {
     const WindowTiling& t = l.window_tiling;
     l.window = g.kh;
     l.cl = channels_last(sx, g);
@@ -973,6 +1004,15 @@ FwdLaunch plan_fwd(const Geometry& g, const Strides& sx, bool aligned) {
     const int64_t planes = static_cast<int64_t>(t.rows) * t.cols * (l.cl ? kClChannels : t.groups);
     const int64_t weights = static_cast<int64_t>(g.kh) * (l.cl ? g.kh * kClChannels : round4(g.kh) * t.groups);
     l.shared_bytes = (planes + weights) * sizeof(acc_t);
+  }
+  return l;
+}
+
+// `aligned`: x is 16-byte aligned (a tensor allocated by torch always is).
+template <typename scalar_t, typename acc_t>
+ConvLaunch plan_fwd(const Geometry& g, const Strides& sx, bool aligned) {
+  ConvLaunch l = plan_window<scalar_t, acc_t>(g, sx, g.oh, g.ow, aligned);
+  if (l.window != 0) {
     return l;
   }
   Tiling t = base_tiling(sx, g, g.oh, g.ow, kMaxTileOutputs);
@@ -986,40 +1026,55 @@ FwdLaunch plan_fwd(const Geometry& g, const Strides& sx, bool aligned) {
 }
 
 template <typename scalar_t, typename acc_t>
-TileLaunch plan_dx(const Geometry& g, const Strides& sx) {
+ConvLaunch plan_dx(const Geometry& g, const Strides& sx) {
+  ConvLaunch l = plan_window<scalar_t, acc_t>(g, sx, g.h, g.w, false);
+  if (l.window != 0) {
+    return l;
+  }
   Tiling t = base_tiling(sx, g, g.h, g.w, kMaxTileOutputs);
   fit_shared(t, g, sizeof(acc_t), [&](const Tiling& u) { return dx_tile_floats(u, g); });
   finish_tiling(t, g.h, g.w, sx, g, Vector16<scalar_t>::kSize, false);
-  const dim3 grid(t.tiles_h * t.tiles_w, static_cast<unsigned int>((g.c + t.cb - 1) / t.cb), g.n);
-  return {t, grid, dim3(kThreads), dx_tile_floats(t, g) * sizeof(acc_t)};
+  l.tiling = t;
+  l.grid = dim3(t.tiles_h * t.tiles_w, static_cast<unsigned int>((g.c + t.cb - 1) / t.cb), g.n);
+  l.block = dim3(kThreads);
+  l.shared_bytes = dx_tile_floats(t, g) * sizeof(acc_t);
+  return l;
 }
 
-// The sliding-window kernel for K x K (one of Ks), handed to fn as with_fwd_kernel does.
-template <typename scalar_t, typename acc_t, bool kChannelsLast, typename Fn, int K, int... Ks>
-void with_window_kernel(const FwdLaunch& l, Fn&& fn, KernelSizes<K, Ks...>) {
+// The sliding-window kernel (forward, or dx with kDx) for K x K (one of Ks), handed to fn as with_conv_kernel does.
+template <typename scalar_t, typename acc_t, bool kDx, bool kChannelsLast, typename Fn, int K, int... Ks>
+void with_window_kernel(const ConvLaunch& l, Fn&& fn, KernelSizes<K, Ks...>) {
   if (l.window == K) {
-    constexpr auto kernel = depthwise_conv2d_fwd_window_kernel<scalar_t, acc_t, K, kChannelsLast>;
-    fn(kernel,
-       [&] {
-         return kernel_name("depthwise_conv2d_fwd_window_kernel",
-                            type_args<scalar_t, acc_t>() + ", " + std::to_string(K) + ", " +
-                                (kChannelsLast ? "true" : "false"),
-                            kernel);
-       },
-       l.window_tiling);
+    auto name = [](const char* base, auto kernel_ptr) {
+      return kernel_name(base,
+                         type_args<scalar_t, acc_t>() + ", " + std::to_string(K) + ", " +
+                             (kChannelsLast ? "true" : "false"),
+                         kernel_ptr);
+    };
+    if constexpr (kDx) {
+      constexpr auto dx_kernel = depthwise_conv2d_dx_window_kernel<scalar_t, acc_t, K, kChannelsLast>;
+      fn(dx_kernel, [&] { return name("depthwise_conv2d_dx_window_kernel", dx_kernel); }, l.window_tiling);
+    } else {
+      constexpr auto fwd_kernel = depthwise_conv2d_fwd_window_kernel<scalar_t, acc_t, K, kChannelsLast>;
+      fn(fwd_kernel, [&] { return name("depthwise_conv2d_fwd_window_kernel", fwd_kernel); }, l.window_tiling);
+    }
   } else if constexpr (sizeof...(Ks) > 0) {
-    with_window_kernel<scalar_t, acc_t, kChannelsLast>(l, fn, KernelSizes<Ks...>{});
+    with_window_kernel<scalar_t, acc_t, kDx, kChannelsLast>(l, fn, KernelSizes<Ks...>{});
   }
 }
 
-// The kernel a forward launch runs, handed to fn(kernel, name, tiling): name() is its demangled name, tiling the
-// kernel's tiling argument.
-template <typename scalar_t, typename acc_t, typename Fn>
-void with_fwd_kernel(const FwdLaunch& l, Fn&& fn) {
+// The kernel a forward (or, with kDx, dx) launch runs, handed to fn(kernel, name, tiling): name() is its demangled
+// name, tiling the kernel's tiling argument.
+template <typename scalar_t, typename acc_t, bool kDx, typename Fn>
+void with_conv_kernel(const ConvLaunch& l, Fn&& fn) {
   if (l.window != 0 && l.cl) {
-    with_window_kernel<scalar_t, acc_t, true>(l, fn, WindowKernelSizes{});
+    with_window_kernel<scalar_t, acc_t, kDx, true>(l, fn, WindowKernelSizes{});
   } else if (l.window != 0) {
-    with_window_kernel<scalar_t, acc_t, false>(l, fn, WindowKernelSizes{});
+    with_window_kernel<scalar_t, acc_t, kDx, false>(l, fn, WindowKernelSizes{});
+  } else if constexpr (kDx) {
+    constexpr auto kernel = depthwise_conv2d_dx_kernel<scalar_t, acc_t>;
+    fn(kernel, [&] { return kernel_name("depthwise_conv2d_dx_kernel", type_args<scalar_t, acc_t>(), kernel); },
+       l.tiling);
   } else {
     constexpr auto kernel = depthwise_conv2d_fwd_kernel<scalar_t, acc_t>;
     fn(kernel, [&] { return kernel_name("depthwise_conv2d_fwd_kernel", type_args<scalar_t, acc_t>(), kernel); },
@@ -1027,38 +1082,31 @@ void with_fwd_kernel(const FwdLaunch& l, Fn&& fn) {
   }
 }
 
-template <typename scalar_t, typename acc_t, typename Fn>
-void with_dx_kernel(const TileLaunch&, Fn&& fn) {
-  constexpr auto kernel = depthwise_conv2d_dx_kernel<scalar_t, acc_t>;
-  fn(kernel, [&] { return kernel_name("depthwise_conv2d_dx_kernel", type_args<scalar_t, acc_t>(), kernel); });
+template <typename scalar_t, typename acc_t, bool kDx>
+std::vector<std::string> describe_conv(const ConvLaunch& l) {
+  std::vector<std::string> out;
+  with_conv_kernel<scalar_t, acc_t, kDx>(l, [&](auto, auto name, const auto&) {
+    out.push_back(describe_launch(name(), l.grid, l.block, l.shared_bytes));
+  });
+  return out;
 }
 
 template <typename scalar_t, typename acc_t>
 std::vector<std::string> describe_fwd(const Geometry& g, const Strides& sx) {
-  const FwdLaunch l = plan_fwd<scalar_t, acc_t>(g, sx, true);
-  std::vector<std::string> out;
-  with_fwd_kernel<scalar_t, acc_t>(l, [&](auto, auto name, const auto&) {
-    out.push_back(describe_launch(name(), l.grid, l.block, l.shared_bytes));
-  });
-  return out;
+  return describe_conv<scalar_t, acc_t, false>(plan_fwd<scalar_t, acc_t>(g, sx, true));
 }
 
 template <typename scalar_t, typename acc_t>
 std::vector<std::string> describe_dx(const Geometry& g, const Strides& sx) {
-  const TileLaunch l = plan_dx<scalar_t, acc_t>(g, sx);
-  std::vector<std::string> out;
-  with_dx_kernel<scalar_t, acc_t>(l, [&](auto, auto name) {
-    out.push_back(describe_launch(name(), l.grid, l.block, l.shared_bytes));
-  });
-  return out;
+  return describe_conv<scalar_t, acc_t, true>(plan_dx<scalar_t, acc_t>(g, sx));
 }
 
 template <typename scalar_t, typename acc_t>
 void launch_fwd(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, const scalar_t* scale,
                 const scalar_t* shift, const scalar_t* residual, scalar_t* y, scalar_t* z, const Geometry& g,
                 const Strides& sx, const Strides& sy, int act, cudaStream_t stream) {
-  const FwdLaunch l = plan_fwd<scalar_t, acc_t>(g, sx, aligned16(x));
-  with_fwd_kernel<scalar_t, acc_t>(l, [&](auto kernel, auto, const auto& tiling) {
+  const ConvLaunch l = plan_fwd<scalar_t, acc_t>(g, sx, aligned16(x));
+  with_conv_kernel<scalar_t, acc_t, false>(l, [&](auto kernel, auto, const auto& tiling) {
     launch(kernel, l.grid, l.block, l.shared_bytes, stream, x, weight, bias, scale, shift, residual, y, z, g, sx, sy,
            tiling, act);
   });
@@ -1067,9 +1115,9 @@ void launch_fwd(const scalar_t* x, const scalar_t* weight, const scalar_t* bias,
 template <typename scalar_t, typename acc_t>
 void launch_dx(const GradSource<scalar_t, acc_t>& grad, const scalar_t* weight, scalar_t* dx, const Geometry& g,
                const Strides& sx, const Strides& sy, cudaStream_t stream) {
-  const TileLaunch l = plan_dx<scalar_t, acc_t>(g, sx);
-  with_dx_kernel<scalar_t, acc_t>(l, [&](auto kernel, auto) {
-    launch(kernel, l.grid, l.block, l.shared_bytes, stream, grad, weight, dx, g, sx, sy, l.tiling);
+  const ConvLaunch l = plan_dx<scalar_t, acc_t>(g, sx);
+  with_conv_kernel<scalar_t, acc_t, true>(l, [&](auto kernel, auto, const auto& tiling) {
+    launch(kernel, l.grid, l.block, l.shared_bytes, stream, grad, weight, dx, g, sx, sy, tiling);
   });
 }
 
