@@ -142,6 +142,9 @@ CASES = [
     ((1, 6, 7, 8), (1, 1), 1, 1, "valid", "relu", False, True),
     ((1, 3, 8, 9), (3, 5), 2, 2, (2, 1), "gelu", False, True),
     ((1, 5, 6, 17), (2, 2), 1, 1, "valid", None, True, False),
+    # sliding-window kernels: channels not a multiple of the channel block, width not a multiple of the run
+    ((2, 20, 9, 13), (7, 7), 1, 1, "same", "relu", True, True),
+    ((1, 3, 11, 19), (5, 5), 1, 1, "same", None, False, True),
 ]
 
 

@@ -315,7 +315,7 @@ bool run_case(const Case& k, std::mt19937& rng) {
                                           k.epilogue ? scale.data() : nullptr, k.act};
   std::vector<float> dx(in_count);
   dw::launch_dx<float, float>(grad, weight.data(), dx.data(), g, sx, sy, nullptr);
-  const dw::DweightPlan plan = dw::plan_dweight<float, float>(x.data(), g, sx);
+  const dw::DweightPlan plan = dw::plan_dweight<float, float>(g, sx, dw::aligned16(x.data()));
   std::vector<float> partial_w(static_cast<std::size_t>(k.c) * plan.blocks_g * taps),
       partial_sums(static_cast<std::size_t>(k.c) * plan.blocks_g * dw::kEpilogueSums),
       dweight(static_cast<std::size_t>(k.c) * taps), sums(static_cast<std::size_t>(k.c) * dw::kEpilogueSums);
@@ -350,6 +350,31 @@ bool run_load_modes() {
   return ok;
 }
 
+// Which kernel the forward and dx launchers pick: the sliding-window kernel for the compile-time sizes at stride 1
+// and dilation 1, the generic kernel otherwise, so that the cases of run_conv() cover both.
+bool run_kernel_choice() {
+  auto windows = [](int c, int h, int w, int k, int stride, int dilation, bool channels_last) {
+    dw::Geometry g{};
+    g.n = 2, g.c = c, g.h = h, g.w = w, g.kh = k, g.kw = k, g.sh = stride, g.sw = stride, g.dh = dilation,
+    g.dw = dilation, g.pad_top = k / 2, g.pad_left = k / 2;
+    g.oh = (h + 2 * (k / 2) - dilation * (k - 1) - 1) / stride + 1;
+    g.ow = (w + 2 * (k / 2) - dilation * (k - 1) - 1) / stride + 1;
+    const dw::Strides sx = strides_of(2, c, h, w, channels_last);
+    const int fwd = dw::plan_fwd<float, float>(g, sx, true).window;
+    const int dx = dw::plan_dx<float, float>(g, sx).window;
+    return fwd == dx ? fwd : -1;
+  };
+  bool ok = true;
+  ok &= report(windows(20, 12, 19, 9, 1, 1, true) == 9, "9x9 channels_last: sliding window");
+  ok &= report(windows(3, 21, 37, 31, 1, 1, false) == 31, "31x31 NCHW: sliding window");
+  ok &= report(windows(3, 9, 11, 3, 1, 1, false) == 3, "3x3 NCHW: sliding window");
+  ok &= report(windows(5, 10, 7, 7, 2, 1, true) == 0, "7x7 stride 2: generic kernel");
+  ok &= report(windows(2, 12, 13, 5, 1, 2, false) == 0, "5x5 dilation 2: generic kernel");
+  ok &= report(windows(4, 12, 12, 11, 1, 1, false) == 0, "11x11 (no compile-time size): generic kernel");
+  ok &= report(windows(16, 40, 40, 31, 1, 1, true) == 0, "31x31 channels_last (weights over shared memory): generic");
+  return ok;
+}
+
 bool run_conv() {
   const Case cases[] = {
       // n  c   h   w  kh  kw sh sw dh dw top bot left right  cl    act        epilogue
@@ -362,13 +387,19 @@ bool run_conv() {
       // NCHW widths that are multiples of the vector: rows read as 16-byte vectors, tile rows starting mid-vector
       {2, 3, 10, 16, 7, 7, 1, 1, 1, 1, 3, 3, 3, 3, false, dw::kGelu, true},
       {1, 4, 9, 12, 5, 4, 2, 2, 1, 2, 2, 2, 1, 5, false, dw::kRelu, true},
+      // Sliding-window kernels: channels not a multiple of the channel block, widths not a multiple of the run,
+      // asymmetric padding, several channel planes per block, 31x31, scalar channel loads
+      {2, 20, 12, 19, 9, 9, 1, 1, 1, 1, 4, 4, 4, 4, true, dw::kGelu, true},
+      {1, 3, 21, 37, 31, 31, 1, 1, 1, 1, 15, 15, 15, 15, false, dw::kNone, true},
+      {1, 3, 6, 5, 5, 5, 1, 1, 1, 1, 2, 2, 2, 2, true, dw::kRelu, false},
+      {3, 5, 40, 9, 3, 3, 1, 1, 1, 1, 0, 2, 1, 0, false, dw::kGelu, true},
   };
   std::mt19937 rng(1234);
   bool ok = true;
   for (const Case& k : cases) {
     ok &= run_case(k, rng);
   }
-  return ok && run_load_modes();
+  return ok && run_load_modes() && run_kernel_choice();
 }
 
 // The modes, by name. A family of kernels checked against naive loops goes here and in KERNEL_MODES of
