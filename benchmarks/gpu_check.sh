@@ -7,6 +7,7 @@
 # tensors at tiny shapes (the test suite runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}  # the interpreter that holds torch; PYTHON=... picks another
 
 dry_run=()
 out_dir=gpu_check_out
@@ -21,12 +22,12 @@ mkdir -p "$out_dir"
 started=$(date +%s)
 
 if [ ${#dry_run[@]} -eq 0 ]; then
-    arch=$(python -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+    arch=$("$python" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
     echo "== stage 1: build vitkern._C for sm_${arch/./} only, and the emulation build, on $(nproc) cores"
     # The emulation build too: the test suite's emulation tests need it on any machine.
     build_start=$(date +%s)
     if ! CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} VITKERN_CUDA_ARCHS=$arch VITKERN_BUILD_EMULATION=1 MAX_JOBS=$(nproc) \
-        python -m pip install --no-build-isolation --no-deps -e . >"$out_dir/build.log" 2>&1; then
+        "$python" -m pip install --no-build-isolation --no-deps -e . >"$out_dir/build.log" 2>&1; then
         tail -n 40 "$out_dir/build.log"
         echo "stage 1: the build failed after $(($(date +%s) - build_start)) s (log: $out_dir/build.log)"
         exit 1
@@ -38,4 +39,4 @@ else
     echo "== stage 1: skipped (dry run: no build)"
 fi
 
-exec python benchmarks/gpu_check.py "${dry_run[@]}" --out "$out_dir" --started "$started"
+exec "$python" benchmarks/gpu_check.py "${dry_run[@]}" --out "$out_dir" --started "$started"

@@ -28,6 +28,7 @@ FP32_BYTES = 4
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script must set it itself
+    env["PYTHON"] = sys.executable
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, check=False)
     return proc, out
