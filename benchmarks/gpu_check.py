@@ -630,7 +630,8 @@ def stage_results(check: Check, env, ceilings, tests, sanitizer, rows, estimate_
           for s in sanitizer],
         f"- {estimate_note}; {plot_note}",
         "",
-        ("Median of single calls timed with CUDA events after warm-up, inputs rotated past the L2 cache. GB/s and "
+        ("Median of single calls timed with CUDA events (perf_counter on the CPU) after warm-up, inputs rotated past "
+         "the L2 cache on the GPU. GB/s and "
          "TFLOP/s count the bytes and FLOPs a fused implementation cannot avoid; 'of copy' and 'of matmul' divide "
          "them by the ceilings above."),
         "",
