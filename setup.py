@@ -7,12 +7,27 @@
   compiler against ``csrc/emulation/cuda_emulation.h``, so the CUDA C++ kernels run on CPU tensors.
 * The Python package and the Triton kernels (``kernels/`` installed as ``vitkern.kernels``) are installed either way.
 
-Build against the installed torch: ``pip install --no-build-isolation .`` (or ``pip wheel --no-build-isolation .``).
+Build against the installed torch: ``pip install --no-build-isolation .`` (or ``pip wheel --no-build-isolation .``);
+``pyproject.toml`` names the build tools (setuptools, wheel), torch is the environment's own. A build asked for an
+extension (``VITKERN_BUILD_EMULATION=1``, or a CUDA toolkit with a CUDA build of torch and no
+``VITKERN_SKIP_CUDA_BUILD``) fails when torch cannot be imported or when the extension's file is missing afterwards,
+so an isolated build (which has no torch) never passes for a build with extensions.
+
+Each build that compiles extensions writes ``vitkern/_build_info.json`` beside them (in the source tree for an
+editable install, in the wheel otherwise), a JSON object::
+
+    {"torch": "2.14.1+cu130",           # torch.__version__ the extensions were compiled against
+     "cuda": "13.0",                    # torch.version.cuda of that torch (null for a CPU-only torch)
+     "extensions": ["vitkern._C", "vitkern._emulation"]}   # the modules this build produced
+
+so that an extension which later fails to import can be reported with the torch it was built for.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -42,11 +57,39 @@ def _cuda_arch_flags() -> list[str]:
     return flags
 
 
+BUILD_INFO = "_build_info.json"
+
+
+def _build_ext_class(base):
+    """``base`` (torch's BuildExtension) checking that every extension it was given exists once it has run, and
+    recording the torch they were built against in ``vitkern/_build_info.json``."""
+    import torch
+
+    class BuildExtension(base):
+        def run(self) -> None:
+            super().run()
+            paths = {ext.name: Path(self.get_ext_fullpath(ext.name)) for ext in self.extensions}
+            missing = [f"{name} ({path})" for name, path in paths.items() if not path.is_file()]
+            if missing:
+                sys.exit(f"vitkern: the build was asked for {', '.join(missing)} and did not produce it")
+            info = {"torch": torch.__version__, "cuda": torch.version.cuda, "extensions": sorted(paths)}
+            target = next(iter(paths.values())).parent / BUILD_INFO
+            target.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+    return BuildExtension
+
+
 def _extensions() -> tuple[list, dict]:
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:
+    except ImportError as error:
+        if _flag("VITKERN_BUILD_EMULATION"):
+            sys.exit(
+                f"vitkern: VITKERN_BUILD_EMULATION=1 needs torch in the build environment, and importing it failed "
+                f"({error}); install torch first and build with pip's --no-build-isolation"
+            )
+        print("vitkern: torch cannot be imported here; building without extensions", file=sys.stderr)
         return [], {}
     extensions = []
     cxx_flags = ["-O3", "-std=c++20"]
@@ -76,23 +119,28 @@ def _extensions() -> tuple[list, dict]:
         )
     if not extensions:
         return [], {}
-    return extensions, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return extensions, {"build_ext": _build_ext_class(cpp_extension.BuildExtension).with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
+def main() -> None:
+    ext_modules, cmdclass = _extensions()
+    setup(
+        name="vitkern",
+        version="0.1.0",
+        description="Fused Triton and CUDA C++ kernels for vision-transformer-family models",
+        long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+        long_description_content_type="text/markdown",
+        python_requires=">=3.10",
+        packages=[*find_packages(include=["vitkern", "vitkern.*"]), "vitkern.kernels"],
+        package_dir={"vitkern.kernels": "kernels"},
+        install_requires=["torch>=2.11", "triton>=3.6"],
+        extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "numpy"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        zip_safe=False,
+    )
 
-setup(
-    name="vitkern",
-    version="0.1.0",
-    description="Fused Triton and CUDA C++ kernels for vision-transformer-family models",
-    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=[*find_packages(include=["vitkern", "vitkern.*"]), "vitkern.kernels"],
-    package_dir={"vitkern.kernels": "kernels"},
-    install_requires=["torch>=2.6", "triton>=3.2"],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "numpy"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+
+# setuptools runs this file as __main__; tests import it for its helpers.
+if __name__ == "__main__":
+    main()

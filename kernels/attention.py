@@ -45,6 +45,9 @@ SHORT_TOKENS = 16  # up to this many tokens a 16 x 16 tile holds the whole seque
 LONG_TILE = 64
 MAX_HEAD_BLOCK = MAX_HEAD_DIM
 HEAD_COLUMNS_PER_WARP = 32
+# fp32's exact dots hold about twice the registers per head column: at one warp per 32 columns triton 3.6's build
+# of the forward spills (d32, d64), so fp32 takes one warp per 16 columns on every triton.
+FP32_HEAD_COLUMNS_PER_WARP = 16
 BWD_HEAD_COLUMNS_PER_WARP = 16
 WIDE_TILE_MAX_HEAD = 32  # the forward's 64 x 64 tiles up to this head block
 HEAD_BLOCKS = (16, 32, 64, 128)
@@ -567,12 +570,13 @@ def _head_block(d: int, dv: int) -> int:
 
 def _fwd_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[str, int]:
     """Block sizes and warps of :func:`_attention_fwd_kernel`. A 16 x 16 tile holds a whole short sequence
-    (LeViT's 16 tokens), one warp per 32 head columns; longer sequences take 64 x 64 tiles on 8 warps for head dims
-    up to 32 (CoAtNet, Swin, LeViT keys) and 32 x 32 tiles on 4 warps for wider heads. fp32 keeps 16 x 16 tiles:
-    its dots run exact ("ieee", on FMA units), which only small tiles afford without spilling."""
+    (LeViT's 16 tokens), one warp per 32 head columns (16 for fp32); longer sequences take 64 x 64 tiles on 8 warps
+    for head dims up to 32 (CoAtNet, Swin, LeViT keys) and 32 x 32 tiles on 4 warps for wider heads. fp32 keeps
+    16 x 16 tiles: its dots run exact ("ieee", on FMA units), which only small tiles afford without spilling."""
     block = _head_block(d, dv)
     if dtype == torch.float32 or max(nq, nk) <= SHORT_TOKENS:
-        tile, warps = MIN_BLOCK, max(1, block // HEAD_COLUMNS_PER_WARP)
+        columns = FP32_HEAD_COLUMNS_PER_WARP if dtype == torch.float32 else HEAD_COLUMNS_PER_WARP
+        tile, warps = MIN_BLOCK, max(1, block // columns)
     elif block <= WIDE_TILE_MAX_HEAD:
         tile, warps = LONG_TILE, 8
     else:
