@@ -21,6 +21,17 @@
                                          AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
 namespace vitkern {
+namespace dwconv {
+template <>
+struct Spelling<at::Half> {
+  static std::string get() { return "c10::Half"; }
+};
+template <>
+struct Spelling<at::BFloat16> {
+  static std::string get() { return "c10::BFloat16"; }
+};
+}  // namespace dwconv
+
 namespace {
 
 namespace dw = dwconv;
@@ -78,21 +89,18 @@ const scalar_t* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr;
 }
 
-// Checks x, weight and the convolution arguments; returns the geometry (output size included).
-dw::Geometry check_conv(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t activation) {
-  TORCH_CHECK_VALUE(on_expected_device(x), "x: expected a tensor on ", kDeviceName, ", got device ", x.device());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "x: expected dtype float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-D tensor (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.size(0) <= kMaxGridYZ && x.size(1) <= kMaxGridYZ, "x: expected batch and channels <= ",
-                    kMaxGridYZ, ", got shape ", x.sizes());
-  check_float_tensor("weight", weight, x);
-  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1, "weight: expected shape (",
-              x.size(1), ", 1, kh, kw), got ", weight.sizes());
-  TORCH_CHECK_VALUE(weight.size(2) >= 1 && weight.size(2) <= kMaxKernel && weight.size(3) >= 1 &&
-                  weight.size(3) <= kMaxKernel,
-              "weight: expected kernel sizes from 1 to ", kMaxKernel, ", got ", weight.size(2), "x", weight.size(3));
+// Checks the convolution arguments for an input of x_sizes (N, C, H, W) and a kh x kw kernel, named `kernel_arg`
+// in messages; returns the geometry (output size included).
+dw::Geometry conv_geometry(at::IntArrayRef x_sizes, int64_t kh, int64_t kw, const char* kernel_arg,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                           int64_t activation) {
+  TORCH_CHECK_VALUE(x_sizes.size() == 4, "x: expected a 4-D tensor (N, C, H, W), got shape ", x_sizes);
+  TORCH_CHECK_VALUE(x_sizes[0] >= 0 && x_sizes[1] >= 0 && x_sizes[2] >= 0 && x_sizes[3] >= 0,
+                    "x: expected sizes >= 0, got shape ", x_sizes);
+  TORCH_CHECK_VALUE(x_sizes[0] <= kMaxGridYZ && x_sizes[1] <= kMaxGridYZ, "x: expected batch and channels <= ",
+                    kMaxGridYZ, ", got shape ", x_sizes);
+  TORCH_CHECK_VALUE(kh >= 1 && kh <= kMaxKernel && kw >= 1 && kw <= kMaxKernel, kernel_arg,
+                    ": expected kernel sizes from 1 to ", kMaxKernel, ", got ", kh, "x", kw);
   TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, "stride: expected [sh, sw] >= 1, got ",
               stride);
   TORCH_CHECK_VALUE(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1,
@@ -102,12 +110,12 @@ dw::Geometry check_conv(const at::Tensor& x, const at::Tensor& weight, at::IntAr
   TORCH_CHECK_VALUE(activation >= dw::kNone && activation <= dw::kRelu,
               "activation: expected 0 (none), 1 (gelu) or 2 (relu), got ", activation);
   dw::Geometry g{};
-  g.n = x.size(0);
-  g.c = x.size(1);
-  g.h = x.size(2);
-  g.w = x.size(3);
-  g.kh = static_cast<int>(weight.size(2));
-  g.kw = static_cast<int>(weight.size(3));
+  g.n = x_sizes[0];
+  g.c = x_sizes[1];
+  g.h = x_sizes[2];
+  g.w = x_sizes[3];
+  g.kh = static_cast<int>(kh);
+  g.kw = static_cast<int>(kw);
   g.sh = static_cast<int>(stride[0]);
   g.sw = static_cast<int>(stride[1]);
   g.dh = static_cast<int>(dilation[0]);
@@ -121,6 +129,26 @@ dw::Geometry check_conv(const at::Tensor& x, const at::Tensor& weight, at::IntAr
               "x: spatial size ", g.h, "x", g.w, " with padding ", padding, " is smaller than the dilated kernel ",
               g.kh, "x", g.kw, " (dilation ", dilation, ")");
   return g;
+}
+
+// Checks x, weight and the convolution arguments; returns the geometry (output size included).
+dw::Geometry check_conv(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t activation) {
+  TORCH_CHECK_VALUE(on_expected_device(x), "x: expected a tensor on ", kDeviceName, ", got device ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "x: expected dtype float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-D tensor (N, C, H, W), got shape ", x.sizes());
+  check_float_tensor("weight", weight, x);
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1, "weight: expected shape (",
+              x.size(1), ", 1, kh, kw), got ", weight.sizes());
+  return conv_geometry(x.sizes(), weight.size(2), weight.size(3), "weight", stride, padding, dilation, activation);
+}
+
+// The strides the ops give x of `sizes` allocated NCHW or channels_last: x.contiguous(memory_format_of(x)).
+dw::Strides dense_strides(at::IntArrayRef sizes, bool channels_last) {
+  const at::MemoryFormat fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = at::empty(sizes, at::TensorOptions().device(at::kMeta).memory_format(fmt));
+  return strides_of(x.contiguous(memory_format_of(x)));
 }
 
 }  // namespace
@@ -215,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise
       }
       if (want_dweight || want_sums) {
         const dw::DweightPlan plan =
-            dw::plan_dweight<scalar_t, acc_t>(xc.const_data_ptr<scalar_t>(), g, strides_of(xc));
+            dw::plan_dweight<scalar_t, acc_t>(g, strides_of(xc), dw::aligned16(xc.const_data_ptr<scalar_t>()));
         TORCH_CHECK_VALUE(plan.fits(g), "x: shape ", x.sizes(), " with a ", g.kh, "x", g.kw,
                           " kernel is too large for the weight-gradient kernel's 32-bit indexing");
         const at::Tensor partial_w = at::empty({want_dweight ? g.c * plan.blocks_g * taps : 0}, acc_options);
@@ -236,6 +264,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise
   };
   at::Tensor dweight = want_dweight ? dweight_acc.view({g.c, 1, g.kh, g.kw}).to(weight.scalar_type()) : none();
   return {dx, dweight, sum(want_dbias, 0), sum(want_dscale, 1), sum(want_dshift, 2)};
+}
+
+std::vector<std::string> depthwise_conv2d_plan(at::IntArrayRef x_shape, bool channels_last, std::string_view dtype,
+                                               at::IntArrayRef kernel, at::IntArrayRef stride,
+                                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t activation,
+                                               std::string_view direction) {
+  TORCH_CHECK_VALUE(kernel.size() == 2, "kernel: expected [kh, kw], got ", kernel);
+  const dw::Geometry g = conv_geometry(x_shape, kernel[0], kernel[1], "kernel", stride, padding, dilation, activation);
+  at::ScalarType type;
+  if (dtype == "float32") {
+    type = at::kFloat;
+  } else if (dtype == "float16") {
+    type = at::kHalf;
+  } else {
+    TORCH_CHECK_VALUE(dtype == "bfloat16", "dtype: expected \"float32\", \"float16\" or \"bfloat16\", got \"",
+                      dtype, "\"");
+    type = at::kBFloat16;
+  }
+  TORCH_CHECK_VALUE(direction == "fwd" || direction == "dx" || direction == "dweight",
+                    "direction: expected \"fwd\", \"dx\" or \"dweight\", got \"", direction, "\"");
+  std::vector<std::string> launches;
+  if (g.n == 0 || g.c == 0 || g.oh == 0 || g.ow == 0) {
+    return launches;
+  }
+  const dw::Strides sx = dense_strides(x_shape, channels_last);
+  VITKERN_DISPATCH_FLOAT_TYPES(type, "depthwise_conv2d_plan", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (direction == "fwd") {
+      launches = dw::describe_fwd<scalar_t, acc_t>(g, sx);
+    } else if (direction == "dx") {
+      launches = dw::describe_dx<scalar_t, acc_t>(g, sx);
+    } else {
+      launches = dw::describe_dweight<scalar_t, acc_t>(g, sx);
+    }
+  });
+  return launches;
 }
 
 }  // namespace vitkern

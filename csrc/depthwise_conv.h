@@ -4,7 +4,10 @@
 
 #include <array>
 #include <optional>
+#include <string>
+#include <string_view>
 #include <tuple>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -28,5 +31,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& z,
     const std::optional<at::Tensor>& scale, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t activation, std::array<bool, 5> output_mask);
+
+// The kernel launches depthwise_conv2d_fwd ("fwd") or depthwise_conv2d_bwd makes for an x of x_shape (N, C, H, W),
+// NCHW or channels_last, 16-byte aligned, of dtype "float32" | "float16" | "bfloat16": "dx" the input gradient
+// alone, "dweight" the weight gradient alone. kernel: [kh, kw]; the other arguments as for depthwise_conv2d_fwd.
+// One string per launch, in launch order: "<kernel name>|gx,gy,gz|bx,by,bz|dynamic_smem_bytes", the kernel's name
+// demangled as cu++filt prints its symbol in vitkern._C.
+std::vector<std::string> depthwise_conv2d_plan(at::IntArrayRef x_shape, bool channels_last, std::string_view dtype,
+                                               at::IntArrayRef kernel, at::IntArrayRef stride,
+                                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t activation,
+                                               std::string_view direction);
 
 }  // namespace vitkern

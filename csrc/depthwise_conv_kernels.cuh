@@ -29,6 +29,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
 
 #include "launch.h"
 
@@ -140,6 +143,7 @@ __device__ __forceinline__ void load_input_rows(acc_t* tile, const scalar_t* __r
     if (inside) {
       chunk = *reinterpret_cast<const Vector16<scalar_t>*>(src + n * s.n + c * s.c + ih * s.h + iw);
     }
+    VITKERN_UNROLL
     for (int k = 0; k < kVec; ++k) {
       const int col = first + k;
       if (col >= 0 && col < cols) {
@@ -174,6 +178,7 @@ __device__ __forceinline__ void load_input_tile(acc_t* tile, const scalar_t* __r
       if (inside) {
         chunk = *reinterpret_cast<const Vector16<scalar_t>*>(src + offset);
       }
+      VITKERN_UNROLL
       for (int k = 0; k < Vector16<scalar_t>::kSize; ++k) {
         tile[e + k] = inside ? static_cast<acc_t>(chunk.v[k]) : acc_t(0);
       }
@@ -236,6 +241,40 @@ __device__ __forceinline__ void load_grad_tile(acc_t* tile, const GradSource<sca
   }
 }
 
+// The forward's per-channel epilogue: z = conv + bias (stored when z is not null), y = act(z) * scale + shift +
+// residual. Pointers as for the forward kernels.
+template <typename scalar_t, typename acc_t>
+struct Epilogue {
+  const scalar_t* __restrict__ bias;
+  const scalar_t* __restrict__ scale;
+  const scalar_t* __restrict__ shift;
+  const scalar_t* __restrict__ residual;
+  scalar_t* __restrict__ y;
+  scalar_t* __restrict__ z;
+  int act;
+
+  // Stores the output at y[offset] (and z[offset]) of channel c from its convolution sum.
+  __device__ __forceinline__ void store(acc_t v, int64_t offset, int64_t c) const {
+    if (bias != nullptr) {
+      v += static_cast<acc_t>(bias[c]);
+    }
+    if (z != nullptr) {
+      z[offset] = static_cast<scalar_t>(v);
+    }
+    v = activate(v, act);
+    if (scale != nullptr) {
+      v *= static_cast<acc_t>(scale[c]);
+    }
+    if (shift != nullptr) {
+      v += static_cast<acc_t>(shift[c]);
+    }
+    if (residual != nullptr) {
+      v += static_cast<acc_t>(residual[offset]);
+    }
+    y[offset] = static_cast<scalar_t>(v);
+  }
+};
+
 // Forward. grid (tiles_h * tiles_w, ceil(C / cb), N), block kThreads, shared: the input tile of one tap chunk.
 // x: (N, C, H, W) strides sx; weight: (C, 1, kh, kw) contiguous; bias, scale, shift: (C,) or null;
 // residual, y, z: (N, C, OH, OW) strides sy; residual and z may be null.
@@ -250,6 +289,7 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   const auto [oh0, ow0, c0, n, cl, c, tile_outputs] = block_tile(t);
   const int taps = g.kh * g.kw;
+  const Epilogue<scalar_t, acc_t> epilogue{bias, scale, shift, residual, y, z, act};
 
   acc_t acc[kOutputsPerThread];
   for (int k = 0; k < kOutputsPerThread; ++k) {
@@ -292,25 +332,181 @@ __global__ void __launch_bounds__(kThreads)
     const int oh = oh0 + p / t.tw;
     const int ow = ow0 + p % t.tw;
     if (tid + k * kThreads < tile_outputs && c < g.c && oh < g.oh && ow < g.ow) {
-      const int64_t offset = n * sy.n + c * sy.c + oh * sy.h + ow * sy.w;
-      acc_t v = acc[k];
-      if (bias != nullptr) {
-        v += static_cast<acc_t>(bias[c]);
+      epilogue.store(acc[k], n * sy.n + c * sy.c + oh * sy.h + ow * sy.w, c);
+    }
+  }
+}
+
+// --- the sliding-window forward: stride 1, dilation 1, a square K x K kernel known at compile time ---------------
+//
+// Each thread computes a run of consecutive outputs of one row. For each kernel row it reads the run's input window
+// (run + K - 1 values) from shared memory into registers, 16 bytes at a time, and that row's K weights (16-byte
+// reads too, the same for every thread of a channel), then does K * run FMAs from registers: the register-blocked
+// direct convolution of CUTLASS's depthwise kernels (examples/19_large_depthwise_conv2d_torch_extension,
+// include/cutlass/conv/threadblock/depthwise_fprop_direct_conv_multistage.h), on CUDA cores.
+//   NCHW: a run is kNchwRun outputs of one channel; a block holds `groups` channel planes, each a th x tw output
+//     tile with tile[plane][row][cols] and weights[plane][kernel row][round4(K)] in shared memory.
+//   channels_last: a run is kClRun outputs times kChannelVector channels (one 16-byte fp32 read per input pixel);
+//     a block holds kClChannels channels of a th x tw tile, tile[(row * cols + col) * kClChannels + channel] and
+//     weights[tap][kClChannels] (tap-major, so their load reads the weight tensor coalesced per channel).
+// The input tile is stored in fp32: each value is read by every window that covers it, so it is converted once,
+// when loaded from global memory.
+
+constexpr int kNchwRun = 8;
+constexpr int kClRun = 4;
+constexpr int kChannelVector = 4;  // fp32 values of a 16-byte shared-memory read
+constexpr int kClChannels = 16;
+constexpr int kClLanes = kClChannels / kChannelVector;
+
+__host__ __device__ constexpr int round4(int v) { return (v + 3) / 4 * 4; }
+
+// How a sliding-window launch cuts its work (see above).
+struct WindowTiling {
+  int th, tw;      // output tile
+  int tc;          // threads across a tile row (tw / run)
+  int groups;      // NCHW: channel planes per block; channels_last: 1
+  int rows, cols;  // shared input tile of a plane: th + K - 1 rows of cols >= tw + K - 1 (a multiple of 4 in NCHW)
+  int tiles_h, tiles_w;
+  LoadMode load_mode;
+};
+
+// grid (tiles_h * tiles_w, channel blocks, N), block kThreads; pointers as for depthwise_conv2d_fwd_kernel. One
+// resident block per SM is all the launch bounds require, so ptxas never spills to fit more (it needs few
+// registers anyway).
+template <typename scalar_t, typename acc_t, int K, bool kChannelsLast>
+__global__ void __launch_bounds__(kThreads, 1)
+    depthwise_conv2d_fwd_window_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+                                       const scalar_t* __restrict__ bias, const scalar_t* __restrict__ scale,
+                                       const scalar_t* __restrict__ shift, const scalar_t* __restrict__ residual,
+                                       scalar_t* __restrict__ y, scalar_t* __restrict__ z, Geometry g, Strides sx,
+                                       Strides sy, WindowTiling t, int act) {
+  static_assert(sizeof(acc_t) * kChannelVector == 16, "the shared tile is read as 16-byte vectors of fp32");
+  using Vec = Vector16<acc_t>;
+  constexpr int kRun = kChannelsLast ? kClRun : kNchwRun;
+  constexpr int kWindow = kRun + K - 1;
+  constexpr int kPitch = round4(K);  // NCHW: weights per kernel row in shared memory
+  constexpr int kLanes = kChannelsLast ? kClLanes : 1;
+  VITKERN_DYNAMIC_SHARED(acc_t, smem);
+  const int tid = threadIdx.x;
+  const int64_t n = blockIdx.z;
+  const int oh0 = static_cast<int>(blockIdx.x / t.tiles_w) * t.th;
+  const int ow0 = static_cast<int>(blockIdx.x % t.tiles_w) * t.tw;
+  const int plane = t.rows * t.cols * (kChannelsLast ? kClChannels : 1);
+  acc_t* tile = smem;
+  acc_t* wts = smem + t.groups * plane;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * (kChannelsLast ? kClChannels : t.groups);
+  const Epilogue<scalar_t, acc_t> epilogue{bias, scale, shift, residual, y, z, act};
+
+  if constexpr (kChannelsLast) {
+    load_input_tile(tile, x, g, sx, n, c0, kClChannels, oh0 - g.pad_top, ow0 - g.pad_left, t.rows, t.cols,
+                    t.load_mode);
+    for (int e = tid; e < K * K * kClChannels; e += kThreads) {
+      const int64_t c = c0 + e % kClChannels;
+      wts[e] = c < g.c ? static_cast<acc_t>(weight[c * K * K + e / kClChannels]) : acc_t(0);
+    }
+  } else {
+    for (int p = 0; p < t.groups; ++p) {
+      load_input_tile(tile + p * plane, x, g, sx, n, c0 + p, 1, oh0 - g.pad_top, ow0 - g.pad_left, t.rows, t.cols,
+                      t.load_mode);
+    }
+    for (int e = tid; e < t.groups * K * kPitch; e += kThreads) {
+      const int64_t c = c0 + e / (K * kPitch);
+      const int i = (e / kPitch) % K;
+      const int j = e % kPitch;
+      wts[e] = j < K && c < g.c ? static_cast<acc_t>(weight[c * K * K + i * K + j]) : acc_t(0);
+    }
+  }
+  __syncthreads();
+
+  const int per_group = kLanes * t.tc * t.th;
+  const int group = tid / per_group;
+  const int lane = tid % kLanes;
+  const int tcol = (tid / kLanes) % t.tc;
+  const int trow = (tid % per_group) / (kLanes * t.tc);
+  if (group >= t.groups) {
+    return;
+  }
+  const int oh = oh0 + trow;
+  const int ow = ow0 + tcol * kRun;
+  if constexpr (kChannelsLast) {
+    const acc_t* in = tile + (trow * t.cols + tcol * kRun) * kClChannels + lane * kChannelVector;
+    const acc_t* w = wts + lane * kChannelVector;
+    acc_t acc[kRun][kChannelVector] = {};
+    VITKERN_NO_UNROLL
+    for (int i = 0; i < K; ++i) {
+      Vec v[kWindow];
+      VITKERN_UNROLL
+      for (int q = 0; q < kWindow; ++q) {
+        v[q] = *reinterpret_cast<const Vec*>(in + q * kClChannels);
       }
-      if (z != nullptr) {
-        z[offset] = static_cast<scalar_t>(v);
+      VITKERN_UNROLL
+      for (int j = 0; j < K; ++j) {
+        const Vec wv = *reinterpret_cast<const Vec*>(w + j * kClChannels);
+        VITKERN_UNROLL
+        for (int r = 0; r < kRun; ++r) {
+          VITKERN_UNROLL
+          for (int e = 0; e < kChannelVector; ++e) {
+            acc[r][e] += wv.v[e] * v[r + j].v[e];
+          }
+        }
       }
-      v = activate(v, act);
-      if (scale != nullptr) {
-        v *= static_cast<acc_t>(scale[c]);
+      in += t.cols * kClChannels;
+      w += K * kClChannels;
+    }
+    if (oh < g.oh) {
+      VITKERN_UNROLL
+      for (int e = 0; e < kChannelVector; ++e) {
+        const int64_t c = c0 + lane * kChannelVector + e;
+        VITKERN_UNROLL
+        for (int r = 0; r < kRun; ++r) {
+          if (c < g.c && ow + r < g.ow) {
+            epilogue.store(acc[r][e], n * sy.n + c * sy.c + oh * sy.h + (ow + r) * sy.w, c);
+          }
+        }
       }
-      if (shift != nullptr) {
-        v += static_cast<acc_t>(shift[c]);
+    }
+  } else {
+    const acc_t* in = tile + group * plane + trow * t.cols + tcol * kRun;
+    const acc_t* w = wts + group * K * kPitch;
+    acc_t acc[kRun] = {};
+    VITKERN_NO_UNROLL
+    for (int i = 0; i < K; ++i) {
+      acc_t v[round4(kWindow)];
+      VITKERN_UNROLL
+      for (int q = 0; q < round4(kWindow); q += kChannelVector) {
+        const Vec chunk = *reinterpret_cast<const Vec*>(in + q);
+        VITKERN_UNROLL
+        for (int e = 0; e < kChannelVector; ++e) {
+          v[q + e] = chunk.v[e];
+        }
       }
-      if (residual != nullptr) {
-        v += static_cast<acc_t>(residual[offset]);
+      acc_t wv[kPitch];
+      VITKERN_UNROLL
+      for (int q = 0; q < kPitch; q += kChannelVector) {
+        const Vec chunk = *reinterpret_cast<const Vec*>(w + q);
+        VITKERN_UNROLL
+        for (int e = 0; e < kChannelVector; ++e) {
+          wv[q + e] = chunk.v[e];
+        }
       }
-      y[offset] = static_cast<scalar_t>(v);
+      VITKERN_UNROLL
+      for (int j = 0; j < K; ++j) {
+        VITKERN_UNROLL
+        for (int r = 0; r < kRun; ++r) {
+          acc[r] += wv[j] * v[r + j];
+        }
+      }
+      in += t.cols;
+      w += kPitch;
+    }
+    const int64_t c = c0 + group;
+    if (c < g.c && oh < g.oh) {
+      VITKERN_UNROLL
+      for (int r = 0; r < kRun; ++r) {
+        if (ow + r < g.ow) {
+          epilogue.store(acc[r], n * sy.n + c * sy.c + oh * sy.h + (ow + r) * sy.w, c);
+        }
+      }
     }
   }
 }
@@ -623,27 +819,258 @@ bool aligned16(const scalar_t* p) {
   return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
 }
 
+// --- launch plans: what the launchers below launch, also reported by the depthwise_conv2d_plan op -------------
+
+// How c++filt spells a kernel parameter's type in the kernel's demangled name. depthwise_conv.cu adds the
+// torch storage types.
+template <typename T>
+struct Spelling;
+template <>
+struct Spelling<float> {
+  static std::string get() { return "float"; }
+};
+template <>
+struct Spelling<int> {
+  static std::string get() { return "int"; }
+};
+template <typename T>
+struct Spelling<const T> {
+  static std::string get() { return Spelling<T>::get() + " const"; }
+};
+template <typename T>
+struct Spelling<T*> {
+  static std::string get() { return Spelling<T>::get() + "*"; }
+};
+template <>
+struct Spelling<Geometry> {
+  static std::string get() { return "vitkern::dwconv::Geometry"; }
+};
+template <>
+struct Spelling<Strides> {
+  static std::string get() { return "vitkern::dwconv::Strides"; }
+};
+template <>
+struct Spelling<Tiling> {
+  static std::string get() { return "vitkern::dwconv::Tiling"; }
+};
+template <typename scalar_t, typename acc_t>
+struct Spelling<GradSource<scalar_t, acc_t>> {
+  static std::string get() {
+    return "vitkern::dwconv::GradSource<" + Spelling<scalar_t>::get() + ", " + Spelling<acc_t>::get() + ">";
+  }
+};
+
+// The demangled name of kernel `name`<template_args> (as c++filt prints the symbol), its parameter types read off
+// the kernel's own type so that the two cannot drift apart.
+template <typename... Params>
+std::string kernel_name(const char* name, const std::string& template_args, void (*)(Params...)) {
+  std::string params;
+  ((params += (params.empty() ? "" : ", ") + Spelling<Params>::get()), ...);
+  return std::string("void vitkern::dwconv::") + name + "<" + template_args + ">(" + params + ")";
+}
+
+// One kernel launch: "<demangled kernel name>|gx,gy,gz|bx,by,bz|dynamic_smem_bytes".
+inline std::string describe_launch(const std::string& kernel, dim3 grid, dim3 block, std::size_t shared_bytes) {
+  auto dims = [](dim3 d) {
+    return std::to_string(d.x) + "," + std::to_string(d.y) + "," + std::to_string(d.z);
+  };
+  return kernel + "|" + dims(grid) + "|" + dims(block) + "|" + std::to_string(shared_bytes);
+}
+
+template <typename scalar_t, typename acc_t>
+std::string type_args() {
+  return Spelling<scalar_t>::get() + ", " + Spelling<acc_t>::get();
+}
+
+template <>
+struct Spelling<WindowTiling> {
+  static std::string get() { return "vitkern::dwconv::WindowTiling"; }
+};
+
+// The kernel sizes with a sliding-window kernel (compile-time K x K, stride 1, dilation 1).
+template <int... Ks>
+struct KernelSizes {};
+using WindowKernelSizes = KernelSizes<3, 5, 7, 9, 13, 31>;
+
+// Sets t to the sliding-window tiling of a K x K forward over g; false when shared memory cannot hold even the
+// smallest tile.
+inline bool window_tiling(const Geometry& g, const Strides& sx, int vector_size, bool aligned, WindowTiling& t) {
+  const int k = g.kh;
+  const bool cl = channels_last(sx, g);
+  const int run = cl ? kClRun : kNchwRun;
+  const int lanes = cl ? kClLanes : 1;
+  const int ow = static_cast<int>(std::min<int64_t>(g.ow, 1 << 20));
+  const int oh = static_cast<int>(std::min<int64_t>(g.oh, 1 << 20));
+  t = WindowTiling{};
+  t.tc = std::min((ow + run - 1) / run, kThreads / lanes / 4);
+  t.tw = t.tc * run;
+  // As many rows as the block's threads allow, balanced over the row tiles.
+  const int th_max = kThreads / (lanes * t.tc);
+  t.th = (oh + (oh + th_max - 1) / th_max - 1) / ((oh + th_max - 1) / th_max);
+  t.groups = cl ? 1 : kThreads / (t.tc * t.th);
+  auto shared_floats = [&] {
+    t.rows = t.th + k - 1;
+    t.cols = cl ? t.tw + k - 1 : round4(t.tw + k - 1);
+    const int64_t planes = static_cast<int64_t>(t.rows) * t.cols * (cl ? kClChannels : t.groups);
+    return planes + static_cast<int64_t>(k) * (cl ? k * kClChannels : round4(k) * t.groups);
+  };
+  while (shared_floats() * static_cast<int64_t>(sizeof(float)) > static_cast<int64_t>(kSharedBudget)) {
+    if (t.groups > 1) {
+      t.groups = (t.groups + 1) / 2;
+    } else if (t.th > 1) {
+      t.th = (t.th + 1) / 2;
+    } else if (t.tc > 1) {
+      t.tc = (t.tc + 1) / 2;
+      t.tw = t.tc * run;
+    } else {
+      return false;
+    }
+  }
+  t.tiles_h = (oh + t.th - 1) / t.th;
+  t.tiles_w = (ow + t.tw - 1) / t.tw;
+  Tiling loads{};
+  loads.cb = cl ? kClChannels : 1;
+  t.load_mode = load_mode(loads, sx, g, vector_size, aligned);
+  return true;
+}
+
+// A forward launch: the generic kernel (window == 0, tiling) or the sliding-window kernel for K = window
+// (window_tiling, channels_last as `cl`).
+struct FwdLaunch {
+  int window;
+  bool cl;
+  Tiling tiling;
+  WindowTiling window_tiling;
+  dim3 grid, block;
+  std::size_t shared_bytes;
+};
+
+// Grid, block and dynamic shared memory of a dx launch.
+struct TileLaunch {
+  Tiling tiling;
+  dim3 grid, block;
+  std::size_t shared_bytes;
+};
+
+template <int... Ks>
+bool has_window_kernel(int k, KernelSizes<Ks...>) {
+  return ((k == Ks) || ...);
+}
+
+// `aligned`: x is 16-byte aligned (a tensor allocated by torch always is).
+template <typename scalar_t, typename acc_t>
+FwdLaunch plan_fwd(const Geometry& g, const Strides& sx, bool aligned) {
+  FwdLaunch l{};
+  const bool window = g.kh == g.kw && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 &&
+                      has_window_kernel(g.kh, WindowKernelSizes{}) && std::is_same_v<acc_t, float>;
+  if (window && window_tiling(g, sx, Vector16<scalar_t>::kSize, aligned, l.window_tiling)) {
+    const WindowTiling& t = l.window_tiling;
+    l.window = g.kh;
+    l.cl = channels_last(sx, g);
+    const int64_t channels = l.cl ? kClChannels : t.groups;
+    l.grid = dim3(t.tiles_h * t.tiles_w, static_cast<unsigned int>((g.c + channels - 1) / channels), g.n);
+    l.block = dim3(kThreads);
+    const int64_t planes = static_cast<int64_t>(t.rows) * t.cols * (l.cl ? kClChannels : t.groups);
+    const int64_t weights = static_cast<int64_t>(g.kh) * (l.cl ? g.kh * kClChannels : round4(g.kh) * t.groups);
+    l.shared_bytes = (planes + weights) * sizeof(acc_t);
+    return l;
+  }
+  Tiling t = base_tiling(sx, g, g.oh, g.ow, kMaxTileOutputs);
+  fit_shared(t, g, sizeof(acc_t), [&](const Tiling& u) { return fwd_tile_floats(u, g); });
+  finish_tiling(t, g.oh, g.ow, sx, g, Vector16<scalar_t>::kSize, aligned);
+  l.tiling = t;
+  l.grid = dim3(t.tiles_h * t.tiles_w, static_cast<unsigned int>((g.c + t.cb - 1) / t.cb), g.n);
+  l.block = dim3(kThreads);
+  l.shared_bytes = fwd_tile_floats(t, g) * sizeof(acc_t);
+  return l;
+}
+
+template <typename scalar_t, typename acc_t>
+TileLaunch plan_dx(const Geometry& g, const Strides& sx) {
+  Tiling t = base_tiling(sx, g, g.h, g.w, kMaxTileOutputs);
+  fit_shared(t, g, sizeof(acc_t), [&](const Tiling& u) { return dx_tile_floats(u, g); });
+  finish_tiling(t, g.h, g.w, sx, g, Vector16<scalar_t>::kSize, false);
+  const dim3 grid(t.tiles_h * t.tiles_w, static_cast<unsigned int>((g.c + t.cb - 1) / t.cb), g.n);
+  return {t, grid, dim3(kThreads), dx_tile_floats(t, g) * sizeof(acc_t)};
+}
+
+// The sliding-window kernel for K x K (one of Ks), handed to fn as with_fwd_kernel does.
+template <typename scalar_t, typename acc_t, bool kChannelsLast, typename Fn, int K, int... Ks>
+void with_window_kernel(const FwdLaunch& l, Fn&& fn, KernelSizes<K, Ks...>) {
+  if (l.window == K) {
+    constexpr auto kernel = depthwise_conv2d_fwd_window_kernel<scalar_t, acc_t, K, kChannelsLast>;
+    fn(kernel,
+       [&] {
+         return kernel_name("depthwise_conv2d_fwd_window_kernel",
+                            type_args<scalar_t, acc_t>() + ", " + std::to_string(K) + ", " +
+                                (kChannelsLast ? "true" : "false"),
+                            kernel);
+       },
+       l.window_tiling);
+  } else if constexpr (sizeof...(Ks) > 0) {
+    with_window_kernel<scalar_t, acc_t, kChannelsLast>(l, fn, KernelSizes<Ks...>{});
+  }
+}
+
+// The kernel a forward launch runs, handed to fn(kernel, name, tiling): name() is its demangled name, tiling the
+// kernel's tiling argument.
+template <typename scalar_t, typename acc_t, typename Fn>
+void with_fwd_kernel(const FwdLaunch& l, Fn&& fn) {
+  if (l.window != 0 && l.cl) {
+    with_window_kernel<scalar_t, acc_t, true>(l, fn, WindowKernelSizes{});
+  } else if (l.window != 0) {
+    with_window_kernel<scalar_t, acc_t, false>(l, fn, WindowKernelSizes{});
+  } else {
+    constexpr auto kernel = depthwise_conv2d_fwd_kernel<scalar_t, acc_t>;
+    fn(kernel, [&] { return kernel_name("depthwise_conv2d_fwd_kernel", type_args<scalar_t, acc_t>(), kernel); },
+       l.tiling);
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename Fn>
+void with_dx_kernel(const TileLaunch&, Fn&& fn) {
+  constexpr auto kernel = depthwise_conv2d_dx_kernel<scalar_t, acc_t>;
+  fn(kernel, [&] { return kernel_name("depthwise_conv2d_dx_kernel", type_args<scalar_t, acc_t>(), kernel); });
+}
+
+template <typename scalar_t, typename acc_t>
+std::vector<std::string> describe_fwd(const Geometry& g, const Strides& sx) {
+  const FwdLaunch l = plan_fwd<scalar_t, acc_t>(g, sx, true);
+  std::vector<std::string> out;
+  with_fwd_kernel<scalar_t, acc_t>(l, [&](auto, auto name, const auto&) {
+    out.push_back(describe_launch(name(), l.grid, l.block, l.shared_bytes));
+  });
+  return out;
+}
+
+template <typename scalar_t, typename acc_t>
+std::vector<std::string> describe_dx(const Geometry& g, const Strides& sx) {
+  const TileLaunch l = plan_dx<scalar_t, acc_t>(g, sx);
+  std::vector<std::string> out;
+  with_dx_kernel<scalar_t, acc_t>(l, [&](auto, auto name) {
+    out.push_back(describe_launch(name(), l.grid, l.block, l.shared_bytes));
+  });
+  return out;
+}
+
 template <typename scalar_t, typename acc_t>
 void launch_fwd(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, const scalar_t* scale,
                 const scalar_t* shift, const scalar_t* residual, scalar_t* y, scalar_t* z, const Geometry& g,
                 const Strides& sx, const Strides& sy, int act, cudaStream_t stream) {
-  Tiling t = base_tiling(sx, g, g.oh, g.ow, kMaxTileOutputs);
-  fit_shared(t, g, sizeof(acc_t), [&](const Tiling& u) { return fwd_tile_floats(u, g); });
-  finish_tiling(t, g.oh, g.ow, sx, g, Vector16<scalar_t>::kSize, aligned16(x));
-  const dim3 grid(t.tiles_h * t.tiles_w, static_cast<unsigned int>((g.c + t.cb - 1) / t.cb), g.n);
-  launch(depthwise_conv2d_fwd_kernel<scalar_t, acc_t>, grid, dim3(kThreads), fwd_tile_floats(t, g) * sizeof(acc_t),
-         stream, x, weight, bias, scale, shift, residual, y, z, g, sx, sy, t, act);
+  const FwdLaunch l = plan_fwd<scalar_t, acc_t>(g, sx, aligned16(x));
+  with_fwd_kernel<scalar_t, acc_t>(l, [&](auto kernel, auto, const auto& tiling) {
+    launch(kernel, l.grid, l.block, l.shared_bytes, stream, x, weight, bias, scale, shift, residual, y, z, g, sx, sy,
+           tiling, act);
+  });
 }
 
 template <typename scalar_t, typename acc_t>
 void launch_dx(const GradSource<scalar_t, acc_t>& grad, const scalar_t* weight, scalar_t* dx, const Geometry& g,
                const Strides& sx, const Strides& sy, cudaStream_t stream) {
-  Tiling t = base_tiling(sx, g, g.h, g.w, kMaxTileOutputs);
-  fit_shared(t, g, sizeof(acc_t), [&](const Tiling& u) { return dx_tile_floats(u, g); });
-  finish_tiling(t, g.h, g.w, sx, g, Vector16<scalar_t>::kSize, false);
-  const dim3 grid(t.tiles_h * t.tiles_w, static_cast<unsigned int>((g.c + t.cb - 1) / t.cb), g.n);
-  launch(depthwise_conv2d_dx_kernel<scalar_t, acc_t>, grid, dim3(kThreads), dx_tile_floats(t, g) * sizeof(acc_t),
-         stream, grad, weight, dx, g, sx, sy, t);
+  const TileLaunch l = plan_dx<scalar_t, acc_t>(g, sx);
+  with_dx_kernel<scalar_t, acc_t>(l, [&](auto kernel, auto) {
+    launch(kernel, l.grid, l.block, l.shared_bytes, stream, grad, weight, dx, g, sx, sy, l.tiling);
+  });
 }
 
 // The dweight launch's cut of the work; the caller allocates partials of (C, blocks_g, taps) and
@@ -662,7 +1089,7 @@ struct DweightPlan {
 };
 
 template <typename scalar_t, typename acc_t>
-DweightPlan plan_dweight(const scalar_t* x, const Geometry& g, const Strides& sx) {
+DweightPlan plan_dweight(const Geometry& g, const Strides& sx, bool aligned) {
   const int taps = g.kh * g.kw;
   int cb = channels_last(sx, g) ? static_cast<int>(std::min<int64_t>(kMaxChannelBlock, pow2_ceil(g.c))) : 1;
   while (cb > 1 && taps * cb > kMaxTapSlots) {
@@ -679,7 +1106,7 @@ DweightPlan plan_dweight(const scalar_t* x, const Geometry& g, const Strides& sx
     }
   }
   fit_shared(t, g, sizeof(acc_t), [&](const Tiling& u) { return dweight_shared_floats(u, g); });
-  finish_tiling(t, g.oh, g.ow, sx, g, Vector16<scalar_t>::kSize, aligned16(x));
+  finish_tiling(t, g.oh, g.ow, sx, g, Vector16<scalar_t>::kSize, aligned);
   DweightPlan plan{};
   plan.tiling = t;
   plan.chunks = ((g.kh + t.rc - 1) / t.rc) * ((g.kw + t.cc - 1) / t.cc);
@@ -691,31 +1118,59 @@ DweightPlan plan_dweight(const scalar_t* x, const Geometry& g, const Strides& sx
   return plan;
 }
 
+// The launches of a weight-gradient pass, in order: the dweight kernel, then reduce_partials for the weight
+// partials (want_w) and for the epilogue sums (want_sums). fn(kernel, name, grid, block, shared_bytes, args...)
+// is called for each; name() is the kernel's demangled name.
+template <typename scalar_t, typename acc_t, typename Fn>
+void dweight_launches(const DweightPlan& plan, const Geometry& g, const GradSource<scalar_t, acc_t>& grad,
+                      const scalar_t* x, acc_t* partial_w, acc_t* partial_sums, acc_t* dweight_acc, acc_t* sums_acc,
+                      const Strides& sx, const Strides& sy, bool want_w, bool want_sums, Fn&& fn) {
+  const Tiling& t = plan.tiling;
+  const dim3 grid(plan.blocks_g, static_cast<unsigned int>((g.c + t.cb - 1) / t.cb), want_w ? plan.chunks : 1);
+  constexpr auto kernel = depthwise_conv2d_dweight_kernel<scalar_t, acc_t>;
+  fn(kernel, [&] { return kernel_name("depthwise_conv2d_dweight_kernel", type_args<scalar_t, acc_t>(), kernel); },
+     grid, dim3(kThreads), dweight_shared_floats(t, g) * sizeof(acc_t), grad, x, partial_w, partial_sums, g, sx, sy,
+     t, plan.per_block);
+  constexpr auto reduce = reduce_partials_kernel<acc_t>;
+  auto reduce_name = [&] { return kernel_name("reduce_partials_kernel", Spelling<acc_t>::get(), reduce); };
+  const int taps = g.kh * g.kw;
+  if (want_w) {
+    const int64_t count = g.c * taps;
+    fn(reduce, reduce_name, dim3(static_cast<unsigned int>((count + kThreads - 1) / kThreads)), dim3(kThreads), 0,
+       static_cast<const acc_t*>(partial_w), dweight_acc, static_cast<int>(g.c), plan.blocks_g, taps);
+  }
+  if (want_sums) {
+    const int64_t count = g.c * kEpilogueSums;
+    fn(reduce, reduce_name, dim3(static_cast<unsigned int>((count + kThreads - 1) / kThreads)), dim3(kThreads), 0,
+       static_cast<const acc_t*>(partial_sums), sums_acc, static_cast<int>(g.c), plan.blocks_g, kEpilogueSums);
+  }
+}
+
+// The weight gradient alone (no epilogue sums), as described launches.
+template <typename scalar_t, typename acc_t>
+std::vector<std::string> describe_dweight(const Geometry& g, const Strides& sx) {
+  const DweightPlan plan = plan_dweight<scalar_t, acc_t>(g, sx, true);
+  std::vector<std::string> out;
+  dweight_launches<scalar_t, acc_t>(
+      plan, g, GradSource<scalar_t, acc_t>{}, nullptr, nullptr, nullptr, nullptr, nullptr, sx, sx, true, false,
+      [&](auto, auto name, dim3 grid, dim3 block, std::size_t shared_bytes, auto&&...) {
+        out.push_back(describe_launch(name(), grid, block, shared_bytes));
+      });
+  return out;
+}
+
 // Runs the dweight kernel and sums its partials: dweight_acc (C, taps) and sums_acc (C, kEpilogueSums), either
 // null when not wanted (with its partials).
 template <typename scalar_t, typename acc_t>
 void launch_dweight(const DweightPlan& plan, const GradSource<scalar_t, acc_t>& grad, const scalar_t* x,
                     acc_t* partial_w, acc_t* partial_sums, acc_t* dweight_acc, acc_t* sums_acc, const Geometry& g,
                     const Strides& sx, const Strides& sy, cudaStream_t stream) {
-  const Tiling& t = plan.tiling;
-  const dim3 grid(plan.blocks_g, static_cast<unsigned int>((g.c + t.cb - 1) / t.cb),
-                  partial_w != nullptr ? plan.chunks : 1);
-  launch(depthwise_conv2d_dweight_kernel<scalar_t, acc_t>, grid, dim3(kThreads),
-         dweight_shared_floats(t, g) * sizeof(acc_t), stream, grad, x, partial_w, partial_sums, g, sx, sy, t,
-         plan.per_block);
-  const int taps = g.kh * g.kw;
-  if (dweight_acc != nullptr) {
-    const int64_t count = g.c * taps;
-    launch(reduce_partials_kernel<acc_t>, dim3(static_cast<unsigned int>((count + kThreads - 1) / kThreads)),
-           dim3(kThreads), 0, stream, static_cast<const acc_t*>(partial_w), dweight_acc, static_cast<int>(g.c),
-           plan.blocks_g, taps);
-  }
-  if (sums_acc != nullptr) {
-    const int64_t count = g.c * kEpilogueSums;
-    launch(reduce_partials_kernel<acc_t>, dim3(static_cast<unsigned int>((count + kThreads - 1) / kThreads)),
-           dim3(kThreads), 0, stream, static_cast<const acc_t*>(partial_sums), sums_acc, static_cast<int>(g.c),
-           plan.blocks_g, kEpilogueSums);
-  }
+  dweight_launches<scalar_t, acc_t>(
+      plan, g, grad, x, partial_w, partial_sums, dweight_acc, sums_acc, sx, sy, partial_w != nullptr,
+      sums_acc != nullptr,
+      [&](auto kernel, auto, dim3 grid, dim3 block, std::size_t shared_bytes, auto&&... args) {
+        launch(kernel, grid, block, shared_bytes, stream, args...);
+      });
 }
 
 }  // namespace vitkern::dwconv

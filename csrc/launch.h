@@ -8,6 +8,16 @@
 #include <string>
 #include <utility>
 
+// VITKERN_UNROLL / VITKERN_NO_UNROLL before a loop: unroll it fully / keep it a loop under nvcc; the host compiler
+// decides for itself.
+#ifdef VITKERN_EMULATION
+#define VITKERN_UNROLL
+#define VITKERN_NO_UNROLL
+#else
+#define VITKERN_UNROLL _Pragma("unroll")
+#define VITKERN_NO_UNROLL _Pragma("unroll 1")
+#endif
+
 #ifdef VITKERN_EMULATION
 #include "emulation/cuda_emulation.h"
 // Declares `type* name` pointing at the launch's dynamic shared memory.

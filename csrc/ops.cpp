@@ -28,6 +28,11 @@ TORCH_LIBRARY(VITKERN_OP_NAMESPACE, m) {
       "depthwise_conv2d_bwd(Tensor dy, Tensor x, Tensor weight, Tensor z, Tensor? scale, int[2] stride, "
       "int[4] padding, int[2] dilation, int activation, bool[5] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // No tensor arguments, so one kernel for every dispatch key: the launches the two ops above would make.
+  m.def(
+      "depthwise_conv2d_plan(int[] x_shape, bool channels_last, str dtype, int[] kernel, int[] stride, "
+      "int[] padding, int[] dilation, int activation, str direction) -> str[]",
+      &vitkern::depthwise_conv2d_plan);
 }
 
 TORCH_LIBRARY_IMPL(VITKERN_OP_NAMESPACE, VITKERN_DISPATCH_KEY, m) {

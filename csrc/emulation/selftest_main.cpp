@@ -314,7 +314,7 @@ bool run_case(const Case& k, std::mt19937& rng) {
                                           k.epilogue ? scale.data() : nullptr, k.act};
   std::vector<float> dx(in_count);
   dw::launch_dx<float, float>(grad, weight.data(), dx.data(), g, sx, sy, nullptr);
-  const dw::DweightPlan plan = dw::plan_dweight<float, float>(x.data(), g, sx);
+  const dw::DweightPlan plan = dw::plan_dweight<float, float>(g, sx, dw::aligned16(x.data()));
   std::vector<float> partial_w(static_cast<std::size_t>(k.c) * plan.blocks_g * taps),
       partial_sums(static_cast<std::size_t>(k.c) * plan.blocks_g * dw::kEpilogueSums),
       dweight(static_cast<std::size_t>(k.c) * taps), sums(static_cast<std::size_t>(k.c) * dw::kEpilogueSums);
@@ -361,6 +361,12 @@ bool run_conv() {
       // NCHW widths that are multiples of the vector: rows read as 16-byte vectors, tile rows starting mid-vector
       {2, 3, 10, 16, 7, 7, 1, 1, 1, 1, 3, 3, 3, 3, false, dw::kGelu, true},
       {1, 4, 9, 12, 5, 4, 2, 2, 1, 2, 2, 2, 1, 5, false, dw::kRelu, true},
+      // Sliding-window kernels: channels not a multiple of the channel block, widths not a multiple of the run,
+      // asymmetric padding, several channel planes per block, 31x31, scalar channel loads
+      {2, 20, 12, 19, 9, 9, 1, 1, 1, 1, 4, 4, 4, 4, true, dw::kGelu, true},
+      {1, 3, 21, 37, 31, 31, 1, 1, 1, 1, 15, 15, 15, 15, false, dw::kNone, true},
+      {1, 3, 6, 5, 5, 5, 1, 1, 1, 1, 2, 2, 2, 2, true, dw::kRelu, false},
+      {3, 5, 40, 9, 3, 3, 1, 1, 1, 1, 0, 2, 1, 0, false, dw::kGelu, true},
   };
   std::mt19937 rng(1234);
   bool ok = true;
