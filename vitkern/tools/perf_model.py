@@ -9,7 +9,7 @@ format and backend, one training step's kernel launches (forward, then every bac
 * **What runs.** Triton: the launcher itself (``vitkern.kernels.*``) is called on ``meta`` tensors with every
   ``@triton.jit`` kernel's launch intercepted, so the grid, constexprs, warps, stages and the specialisation of
   integer arguments (1 becomes a constant, multiples of 16 are marked divisible, as Triton's launcher does) are the
-  ones it would launch; that variant is compiled for sm_90 (``kernel_report.compile_spec``). CUDA C++: the op
+  ones it would launch; that variant is compiled for sm_90 (kept in :func:`cache_dir` between runs). CUDA C++: the op
   ``depthwise_conv2d_plan`` of the built extension, which lives beside the launcher, names each launch's template
   instance, grid, block and dynamic shared memory; the SASS is that function's in ``vitkern/_C*.so``.
 * **Instruction mix.** ``cuobjdump -sass`` of the function; loops are backward branches, the hot loop the one whose
@@ -61,16 +61,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import triton
 from triton import knobs
 from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend, CUDAOptions
+from triton.compiler import ASTSource
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from vitkern.kernels._specs import TRITON_DTYPES, KernelSpec
 from vitkern.tools import _sass
 from vitkern.tools.kernel_report import (
-    compile_spec,
+    compile_inputs,
     demangle,
     extension_path,
     resource_usage,
@@ -408,9 +411,24 @@ def code_of_function(function: _sass.Function, registers: int, static_shared_byt
     return Code(_sass.Mix.of(hot_body), _sass.Mix.of(rest), registers, static_shared_bytes)
 
 
+def cache_dir() -> Path:
+    """Where compiled sm_90 variants are kept between runs: ``$VITKERN_PERF_MODEL_CACHE``, else
+    ``~/.cache/vitkern/perf_model`` (apart from Triton's own cache, which holds binaries for this machine's GPU)."""
+    default = Path.home() / ".cache" / "vitkern" / "perf_model"
+    return Path(os.environ.get("VITKERN_PERF_MODEL_CACHE", default))
+
+
 def compile_code(spec: KernelSpec) -> tuple[Code, int]:
-    """Compile a spec for sm_90: its Code and the dynamic shared memory Triton launches it with."""
-    kernel, _ = compile_spec(spec, ARCH)
+    """Compile a spec for sm_90 (or take it from :func:`cache_dir`): its Code and the dynamic shared memory Triton
+    launches it with."""
+    fn, signature, constexprs, attrs = compile_inputs(spec)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if spec.maxnreg is not None:
+        options["maxnreg"] = spec.maxnreg
+    with knobs.cache.scope():
+        knobs.cache.dir = str(cache_dir())
+        kernel = triton.compile(source, target=GPUTarget("cuda", ARCH, _sass.WARP_SIZE), options=options)
     with tempfile.TemporaryDirectory(prefix="vitkern-perf-model-") as tmp:
         cubin = Path(tmp) / f"{kernel.metadata.name}.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
