@@ -658,7 +658,8 @@ def extension_code() -> dict[str, Code]:
 
 
 def _cuda_work(direction: str, kernel: str, shape: ConvShape, dtype: torch.dtype, launch: PlannedLaunch) -> Work:
-    """Work of one planned launch, by the kernel it runs (forward, dx, dweight or partial-sum reduction)."""
+    """Work of one planned launch: its direction's (forward, dx, dweight), or a partial-sum reduction's for the
+    dweight direction's ``reduce`` kernels."""
     size = torch.empty((), dtype=dtype).element_size()
     maps = shape.batch * shape.channels * shape.size * shape.size
     taps = shape.kernel * shape.kernel
@@ -666,18 +667,18 @@ def _cuda_work(direction: str, kernel: str, shape: ConvShape, dtype: torch.dtype
     weight = shape.channels * taps * size
     with_z = maps * size if shape.convmixer_epilogue else 0
     macs = maps * taps
-    if "fwd_kernel" in kernel:
+    if direction == "fwd":
         reads = maps * size + weight + vectors + (maps * size if shape.convmixer_epilogue else 0)
         return Work(reads, maps * size + with_z, macs, "fp32")
-    if "dx_kernel" in kernel:
+    if direction == "dx":
         return Work(maps * size + with_z + weight + vectors, maps * size, macs, "fp32")
-    if "dweight_kernel" in kernel:
-        sums = 3 * shape.channels * 4
-        return Work(2 * maps * size + with_z, shape.channels * taps * 4 + sums, macs, "fp32")
-    if "reduce" in kernel:
+    if direction == "dweight" and "reduce" in kernel:
         threads = math.prod(launch.grid) * math.prod(launch.block)
         return Work(threads * 4, threads * 4, 0, "fp32")
-    raise ValueError(f"kernel: no work model for {kernel!r} (direction {direction})")
+    if direction == "dweight":
+        sums = 3 * shape.channels * 4
+        return Work(2 * maps * size + with_z, shape.channels * taps * 4 + sums, macs, "fp32")
+    raise ValueError(f"direction: expected one of {CUDA_DIRECTIONS}, got {direction!r}")
 
 
 def cuda_launches(shape: ConvShape, dtype: torch.dtype, layout: str,
