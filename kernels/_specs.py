@@ -23,6 +23,7 @@ class KernelSpec:
     signature: every non-constexpr argument name -> Triton type ("*fp16", "i32", "fp32", ...), in argument order.
     constexprs: every ``tl.constexpr`` argument name -> value.
     maxnreg: the launch's register limit per thread (Triton's ``maxnreg`` option), None for ptxas's own choice.
+    aligned: integer arguments compiled as multiples of 16, as a launch specialises them on such values.
     """
 
     name: str
@@ -32,4 +33,5 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 2
     maxnreg: int | None = None
+    aligned: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)

@@ -187,7 +187,7 @@ def compile_inputs(
             signature[arg] = "constexpr"
         elif arg in spec.signature:
             signature[arg] = spec.signature[arg]
-            if signature[arg].startswith("*"):
+            if signature[arg].startswith("*") or arg in spec.aligned:
                 attrs[(index,)] = [["tt.divisibility", POINTER_DIVISIBILITY]]
         else:
             raise ValueError(f"{spec.name}: argument {arg!r} of {fn.__name__} is in neither signature nor constexprs")

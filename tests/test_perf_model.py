@@ -1,0 +1,285 @@
+"""The perf model: SASS reading on kernels whose loops are known by hand, occupancy and floors computed by hand, the
+launch capture of the Triton launchers, and the whole model on its reduced (``--quick``) shape set.
+
+The model compiles through Triton's GPU compiler, which the interpreter set by conftest.py replaces, so the whole
+run goes through a subprocess whose environment has no TRITON_INTERPRET (as in test_kernel_report.py). The pieces
+that compile nothing run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitkern.tools import _sass, perf_model
+
+NVCC = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+
+# Two nested loops: the inner one (unrolled once) reads one shared word and does four FFMA with it; the outer one
+# reads one global word per iteration and adds it (FADD, not an FMA).
+KNOWN_LOOPS_CU = r"""
+extern "C" __global__ void known_loops(const float* __restrict__ x, float* __restrict__ y, int outer, int inner) {
+  __shared__ float tile[64];
+  tile[threadIdx.x % 64] = x[threadIdx.x];
+  __syncthreads();
+  const float w = x[blockDim.x + threadIdx.x];
+  float a0 = 0.f, a1 = 1.f, a2 = 2.f, a3 = 3.f;
+#pragma unroll 1
+  for (int j = 0; j < outer; ++j) {
+    a0 += x[j];
+#pragma unroll 1
+    for (int i = 0; i < inner; ++i) {
+      const float s = tile[(i + j) & 63];
+      a0 = fmaf(a0, w, s);
+      a1 = fmaf(a1, w, s);
+      a2 = fmaf(a2, w, s);
+      a3 = fmaf(a3, w, s);
+    }
+  }
+  y[threadIdx.x] = a0 + a1 + a2 + a3;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def known_loops(tmp_path_factory) -> _sass.Function:
+    if not NVCC.is_file():
+        pytest.skip(f"needs nvcc (not at {NVCC}) to compile the hand-written kernel")
+    tmp = tmp_path_factory.mktemp("known_loops")
+    (tmp / "k.cu").write_text(KNOWN_LOOPS_CU)
+    subprocess.run([str(NVCC), "-cubin", "-arch=sm_90", "-o", str(tmp / "k.cubin"), str(tmp / "k.cu")], check=True)
+    functions = _sass.dump_sass(tmp / "k.cubin")
+    assert [f.name for f in functions] == ["known_loops"]
+    return functions[0]
+
+
+def test_hot_loop_of_a_known_kernel(known_loops):
+    hot = known_loops.hot_loop()
+    assert hot is not None and hot.innermost
+    counts = hot.mix.counts
+    assert (counts["ffma"], counts["lds"], counts["hfma2"], counts["mma"]) == (4, 1, 0, 0)
+    assert (counts["ldg"], counts["sts"], counts["stg"]) == (0, 0, 0)
+    assert counts["other"] >= 1  # the branch back
+    assert hot.mix.macs == 4 * 32
+    assert hot.mix.fma_share == pytest.approx(4 / hot.mix.total)
+
+
+def test_enclosing_loop_counts_only_its_own_instructions(known_loops):
+    hot = known_loops.hot_loop()
+    outer = [loop for loop in known_loops.loops() if loop.start <= hot.start and hot.end <= loop.end and loop != hot]
+    assert len(outer) == 1 and not outer[0].innermost
+    assert (outer[0].mix.counts["ldg"], outer[0].mix.counts["ffma"], outer[0].mix.counts["lds"]) == (1, 0, 0)
+
+
+def test_whole_kernel_mix(known_loops):
+    mix = known_loops.mix()
+    # ptxas writes constant moves as HFMA2.MMA R, -RZ, RZ, a, b: they are moves, not fp16 math
+    assert mix.counts["hfma2"] == 0
+    assert mix.counts["sts"] == 1 and mix.counts["stg"] == 1
+    assert mix.counts["ffma"] == 4
+    assert known_loops.instructions[-1].opcode == "EXIT"  # the trap loop after EXIT is not code that runs
+
+
+SASS_SNIPPET = """
+	code for sm_90
+		Function : tensor_loop
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/                   HGMMA.64x128x16.F32 gdesc[UR4], RZ, !UPT ;
+        /*0030*/                   HMMA.1684.F32.TF32 R4, R8, R12, R4 ;
+        /*0040*/                   HFMA2 R2, R3, R4, R5 ;
+        /*0050*/               @P0 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   BRA 0x70;
+        /*0080*/                   NOP;
+"""
+
+
+def test_tensor_core_instructions_by_hand():
+    (function,) = _sass.parse_sass(SASS_SNIPPET)
+    assert [ins.opcode for ins in function.instructions][-1] == "EXIT"
+    (loop,) = function.loops()
+    assert (loop.start, loop.end) == (0x10, 0x50)
+    assert loop.mix.counts["mma"] == 3 and loop.mix.counts["hfma2"] == 1
+    # m16n8k16 per warp; 64x128x16 per warpgroup of 4 warps; m16n8k4; HFMA2 two per lane
+    assert loop.mix.tensor_macs == {"bf16": 16 * 8 * 16, "fp16": 64 * 128 * 16 // 4, "tf32": 16 * 8 * 4}
+    assert loop.mix.macs == 16 * 8 * 16 + 64 * 128 * 16 // 4 + 16 * 8 * 4 + 64
+
+
+@pytest.mark.parametrize(
+    ("registers", "shared", "threads", "expected"),
+    [
+        (48, 0, 256, 5),  # 48 x 32 = 1536 registers a warp: 42 warps, 5 blocks of 8
+        (58, 0, 256, 4),  # rounded up to 64 a thread: 2048 a warp, 32 warps
+        (106, 0, 256, 2),  # 112 a thread: 3584 a warp, 18 warps
+        (32, 100_000, 128, 2),  # 233472 // (100000 + 1024)
+        (16, 0, 1024, 2),  # 2048 threads
+        (16, 0, 32, 32),  # the 32-block limit
+        (255, 0, 256, 1),
+    ],
+)
+def test_blocks_per_sm_by_hand(registers, shared, threads, expected):
+    assert perf_model.blocks_per_sm(registers, shared, threads) == expected
+
+
+def test_blocks_per_sm_rejects_bad_input():
+    with pytest.raises(ValueError, match="threads_per_block"):
+        perf_model.blocks_per_sm(32, 0, 4096)
+    with pytest.raises(ValueError, match="registers"):
+        perf_model.blocks_per_sm(300, 0, 128)
+
+
+def _conv_launches(name: str, dtype=torch.float16, layout=torch.contiguous_format):
+    shape = next(s for s in perf_model.CONV_SHAPES if s.name == name)
+    return shape, perf_model.conv_calls(shape, dtype, layout)
+
+
+def test_triton_launches_as_the_launcher_makes_them():
+    _, calls = _conv_launches("convnext_t_stage2")
+    names = [call.fn.__name__ for call in calls]
+    # bias only: the epilogue backward reduces dbias, then dx and dweight
+    assert names == ["_dwconv_fwd_kernel", "_dwconv_bwd_epilogue_kernel", "_dwconv_bwd_input_kernel",
+                     "_dwconv_bwd_weight_kernel"]
+    spec = perf_model.launch_spec(calls[0])
+    # 28 x 28 = 784 output pixels take the NCHW tile (16 taps, 128 pixels, 1 channel) on 4 warps
+    assert (spec.constexprs["BLOCK_T"], spec.constexprs["BLOCK_P"], spec.constexprs["BLOCK_C"]) == (16, 128, 1)
+    assert spec.num_warps == 4
+    assert calls[0].grid == (64 * 192 * 7,)
+    # unit strides and stride 1 become constants, 192 channels and the 16-divisible strides are marked divisible
+    assert spec.constexprs["stride_xw"] == 1 and spec.constexprs["STRIDE_H"] == 1
+    assert "C" in spec.aligned and "stride_xc" in spec.aligned and "H" not in spec.aligned
+    assert spec.signature["x_ptr"] == "*fp16" and "stride_xw" not in spec.signature
+
+
+def test_floors_by_hand():
+    """ConvMixer-1536/20 forward, fp16 NCHW, on an H100 SXM."""
+    _, calls = _conv_launches("convmixer_1536_20")
+    work, iterations = perf_model._triton_dwconv(calls[0])
+    maps = 64 * 1536 * 32 * 32
+    # reads x, the residual, the weight and bias, scale and shift; writes y and the pre-activation z
+    assert work.read_bytes == 2 * (2 * maps + 1536 * 81 + 3 * 1536)
+    assert work.write_bytes == 2 * 2 * maps
+    assert work.macs == maps * 81
+    assert iterations == 64 * 1536 * 8 * 6  # 1024 pixels in 8 blocks of 128, 81 taps in 6 blocks of 16
+    launch = perf_model.Launch("fwd", perf_model.Code(_sass.Mix.of([]), _sass.Mix.of([]), 32, 0), 1, 4, 0, 0.0,
+                               False, work)
+    figures = perf_model.estimate(launch, perf_model.DEVICES["h100"])
+    memory_us = (2 * (4 * maps + 1536 * 81 + 3 * 1536)) / 3.35e12 * 1e6  # 3.35 TB/s
+    math_us = maps * 81 / (132 * 128 * 1.98e9) * 1e6  # 132 SMs x 128 fp32 lanes at 1.98 GHz
+    assert figures["memory_us"] == pytest.approx(memory_us)
+    assert figures["math_us"] == pytest.approx(math_us)
+    assert figures["floor_us"] == pytest.approx(max(memory_us, math_us))
+    h200 = perf_model.estimate(launch, perf_model.DEVICES["h200"])
+    assert h200["memory_us"] == pytest.approx(memory_us * 3.35 / 4.8)
+
+
+def test_issue_time_by_hand():
+    """One wave of 132 x 2 blocks of 8 warps, 100 instructions a warp: 2 x 8 x 100 / (4 a clock) clocks an SM."""
+    hot = _sass.Mix({kind: 0 for kind in _sass.CLASSES} | {"ffma": 10}, 320)
+    rest = _sass.Mix({kind: 0 for kind in _sass.CLASSES} | {"int": 50})
+    code = perf_model.Code(hot, rest, 64, 0)  # 64 registers: 4 blocks of 256 threads fit
+    work = perf_model.Work(0, 0, 0, "fp32")
+    launch = perf_model.Launch("k", code, 132 * 2, 8, 0, 132 * 2 * 5, False, work)
+    figures = perf_model.estimate(launch, perf_model.DEVICES["h100"])
+    assert figures["issue_us"] == pytest.approx(2 * 8 * 100 / 4 / 1.98e9 * 1e6)
+    assert figures["estimate_us"] == figures["issue_us"]
+
+
+def test_table_gradient_trip_count_by_hand():
+    """Swin-T windows (7 x 7, under one 16-wide x block and one 64-wide bin block): every program's one x-block
+    pair counts, so the query-row loop runs sum over dy of (7 - |dy|) = 49 times per head and image."""
+    case = next(c for c in perf_model.ATTENTION_CASES if c.name == "swin_t_windows")
+    calls = perf_model.attention_calls(case, torch.float16)
+    (table,) = [call for call in calls if call.fn.__name__ == "_attention_bwd_table_kernel"]
+    _, iterations = perf_model._triton_attention(table)
+    assert iterations == 3 * 4096 * 49
+
+
+def run_model(*args: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "vitkern.tools.perf_model", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def quick_rows(tmp_path_factory) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    path = tmp_path_factory.mktemp("perf_model") / "rows.json"
+    result = run_model("--quick", "--jobs", "2", "--json", str(path))
+    return result, json.loads(path.read_text()) if path.exists() else []
+
+
+def test_quick_model_runs(quick_rows):
+    result, rows = quick_rows
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "estimate" in result.stdout
+    keys = ("shape", "kernel", "backend", "dtype", "layout", "floor_us", "estimate_us", "fma_share", "blocks_per_sm")
+    assert rows and all(tuple(row)[: len(keys)] == keys for row in rows)
+    triton_kernels = {row["kernel"] for row in rows if row["backend"] == "triton"}
+    assert {"dwconv_fwd", "dwconv_bwd_input", "dwconv_bwd_weight", "attention_fwd", "attention_bwd_dq",
+            "attention_bwd_dkdv", "attention_bwd_table"} <= triton_kernels
+    assert {row["device"] for row in rows} == set(perf_model.DEVICES)
+
+
+def test_quick_model_estimates_are_at_least_the_floor(quick_rows):
+    _, rows = quick_rows
+    for row in rows:
+        assert row["error"] is None, row
+        assert row["estimate_us"] >= row["floor_us"] * (1 - 1e-9), row
+        assert 0 <= row["fma_share"] <= 1 and row["blocks_per_sm"] >= 1, row
+
+
+def test_quick_model_covers_the_cuda_kernels(quick_rows):
+    if perf_model.extension_path() is None:
+        pytest.skip("vitkern._C is not built (needs the nvcc build), so there is no SASS of the CUDA C++ kernels")
+    _, rows = quick_rows
+    cuda = {row["kernel"] for row in rows if row["backend"] == "cuda"}
+    assert any("fwd" in name for name in cuda) and any("dx" in name for name in cuda)
+    assert any("dweight" in name for name in cuda)
+
+
+def test_refuses_to_run_under_the_interpreter(monkeypatch, capsys):
+    monkeypatch.setattr(perf_model.knobs.runtime, "interpret", True)
+    assert perf_model.main(["--quick"]) == 2
+    assert "TRITON_INTERPRET" in capsys.readouterr().err
+
+
+def test_rejects_unknown_device():
+    with pytest.raises(SystemExit):
+        perf_model.main(["--device", "a100"])
+
+
+def test_unknown_filter_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setattr(perf_model.knobs.runtime, "interpret", False)
+    assert perf_model.main(["--filter", "no_such_shape"]) == 2
+    assert "no_such_shape" in capsys.readouterr().err
+
+
+def test_cuda_trip_count_from_a_plan():
+    """A forward planned by hand on the built extension's fp16 forward kernel: its hot loop's iterations per warp are
+    the layer's multiply-adds over (warps launched x multiply-adds per iteration)."""
+    if perf_model.extension_path() is None:
+        pytest.skip("vitkern._C is not built (needs the nvcc build), so there is no SASS of the CUDA C++ kernels")
+    code = perf_model.extension_code()
+    (name,) = [n for n in code if "depthwise_conv2d_fwd_kernel<c10::Half, float>" in n]
+    grid, block, smem = (8, 192, 64), (256, 1, 1), 4096
+
+    def plan(x_shape, channels_last, dtype, kernel, stride, padding, dilation, activation, direction):
+        assert (x_shape, channels_last, dtype, kernel) == ([64, 192, 28, 28], False, "float16", [7, 7])
+        assert (stride, padding, dilation, activation) == ([1, 1], [3, 3, 3, 3], [1, 1], 0)
+        return [f"{name}|{grid[0]},{grid[1]},{grid[2]}|{block[0]},{block[1]},{block[2]}|{smem}"] \
+            if direction == "fwd" else []
+
+    shape = next(s for s in perf_model.CONV_SHAPES if s.name == "convnext_t_stage2")
+    (launch,) = perf_model.cuda_launches(shape, torch.float16, "nchw", plan)
+    warps = 8 * 192 * 64 * 256 // 32
+    assert launch.blocks == 8 * 192 * 64 and launch.warps_per_block == 8 and launch.dynamic_shared == smem
+    assert launch.code.hot.macs > 0
+    assert launch.hot_iterations == pytest.approx(64 * 192 * 28 * 28 * 49 / (warps * launch.code.hot.macs))
+    assert launch.work.macs == 64 * 192 * 28 * 28 * 49
+    assert launch.kernel == "depthwise_conv2d_fwd_kernel<Half, float>"
