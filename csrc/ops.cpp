@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "attention.h"
 #include "depthwise_conv.h"
 
 #ifndef VITKERN_OP_NAMESPACE
@@ -28,11 +29,19 @@ TORCH_LIBRARY(VITKERN_OP_NAMESPACE, m) {
       "depthwise_conv2d_bwd(Tensor dy, Tensor x, Tensor weight, Tensor z, Tensor? scale, int[2] stride, "
       "int[4] padding, int[2] dilation, int activation, bool[5] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, int bias_mode, int[] geometry, "
+      "float scale) -> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? bias, Tensor? mask, "
+      "int bias_mode, int[] geometry, float scale, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(VITKERN_OP_NAMESPACE, VITKERN_DISPATCH_KEY, m) {
   m.impl("depthwise_conv2d_fwd", &vitkern::depthwise_conv2d_fwd);
   m.impl("depthwise_conv2d_bwd", &vitkern::depthwise_conv2d_bwd);
+  m.impl("attention_fwd", &vitkern::attention_fwd);
+  m.impl("attention_bwd", &vitkern::attention_bwd);
 }
 
 extern "C" PyObject* VITKERN_PYINIT() {
