@@ -1,6 +1,6 @@
 // The one place where the nvcc build and the emulation build (VITKERN_EMULATION) differ: kernel launch, the
-// CUDA runtime header, and how a kernel reaches its dynamic shared memory. Torch-free, so the standalone test
-// driver (csrc/emulation/selftest_main.cpp) uses it too.
+// CUDA runtime header, how a kernel reaches its dynamic shared memory, and vector loads and stores (checked for
+// alignment in the emulation). Torch-free, so the standalone test drivers (csrc/emulation/*_main.cpp) use it too.
 #pragma once
 
 #include <cstddef>
@@ -35,6 +35,28 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, std::size_t sh
     throw std::runtime_error(std::string("vitkern: kernel launch failed: ") + cudaGetErrorString(err));
   }
 #endif
+}
+
+// *reinterpret_cast<const V*>(p): one vector access (V: a 2-, 4-, 8- or 16-byte type as wide as its alignment,
+// such as float4, uint4 or a struct alignas(16)). p must be sizeof(V)-aligned, as the GPU requires; the
+// emulation checks it and aborts naming the kernel and the address. Every vector access of csrc/ goes through
+// these two.
+template <typename V, typename T>
+__device__ __forceinline__ V load_vector(const T* p) {
+  static_assert(sizeof(V) == alignof(V) && sizeof(V) <= 16, "load_vector: V must be a 2-16 byte aligned vector type");
+#ifdef VITKERN_EMULATION
+  emu::check_aligned(p, sizeof(V), "vector load");
+#endif
+  return *reinterpret_cast<const V*>(p);
+}
+
+template <typename V, typename T>
+__device__ __forceinline__ void store_vector(T* p, const V& value) {
+  static_assert(sizeof(V) == alignof(V) && sizeof(V) <= 16, "store_vector: V must be a 2-16 byte aligned vector type");
+#ifdef VITKERN_EMULATION
+  emu::check_aligned(p, sizeof(V), "vector store");
+#endif
+  *reinterpret_cast<V*>(p) = value;
 }
 
 }  // namespace vitkern
