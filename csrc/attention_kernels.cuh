@@ -48,7 +48,7 @@ constexpr int kBlockRows = kWarps * kRowsPerWarp;  // query rows per block (forw
 constexpr int kMaxHeadDim = 128;                   // q/k and v head dims
 constexpr int kMaxResidentKeys = 256;              // the largest key tile: K and V of N <= 256 stay resident
 constexpr std::size_t kSharedBudget = 160 * 1024;  // dynamic shared memory per block: fits sm_80 (163 KiB opt-in)
-constexpr int kMaxGridY = 65535;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 enum BiasMode : int { kBiasNone = 0, kBiasRelPos = 1, kBiasLevit = 2, kBiasDense = 3 };
 
@@ -67,7 +67,7 @@ struct Params {
 };
 
 // Table entries of bias modes 1 and 2 (the length of the gradient partials' last dim); 0 otherwise.
-inline int64_t table_entries(int bias_mode, int geo0, int geo1) {
+__host__ __device__ inline int64_t table_entries(int bias_mode, int geo0, int geo1) {
   if (bias_mode == kBiasRelPos) {
     return static_cast<int64_t>(2 * geo0 - 1) * (2 * geo1 - 1);
   }
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kThreads)
   float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kDvLanes];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
-    m[r] = -std::numeric_limits<float>::infinity();
+    m[r] = kNegInf;
     l[r] = 0.0f;
 #pragma unroll
     for (int u = 0; u < kDvLanes; ++u) {
@@ -221,14 +221,14 @@ __global__ void __launch_bounds__(kThreads)
       const int i = slot_row(s);
       const float* kb = sk + slot_pair(s) * kt * ks;
       float* sr = ss + s * kt;
-      float tile_max = -std::numeric_limits<float>::infinity();
+      float tile_max = kNegInf;
       for (int j = lane; j < tile; j += 32) {
         const float score = dot(sq + s * d, kb + j * ks, d) * p.scale + bias_at(p, b, h, i, static_cast<int>(j0) + j);
         sr[j] = score;
         tile_max = fmaxf(tile_max, score);
       }
       const float m_new = fmaxf(m[r], warp_max(tile_max));
-      const float m_use = m_new == -std::numeric_limits<float>::infinity() ? 0.0f : m_new;
+      const float m_use = m_new == kNegInf ? 0.0f : m_new;
       const float alpha = expf(m[r] - m_use);
       float sum = 0.0f;
       for (int j = lane; j < tile; j += 32) {
@@ -244,22 +244,23 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncthreads();  // every lane's probabilities are visible to its warp
+    // acc += P V with the keys outermost: each V element loaded feeds every row of the warp that shares its pair
+    // (invalid rows have probabilities of their own slot, never read: their acc is never stored).
+    const int first = warp * kRowsPerWarp;
+    auto pair_slot = [&](int s) { return min(slot_pair(s), pairs_per_block - 1); };  // in bounds for invalid rows
+    const bool one_pair = pair_slot(first) == pair_slot(first + kRowsPerWarp - 1);
+    for (int j = 0; j < tile; ++j) {
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int s = warp * kRowsPerWarp + r;
-      if (!slot_valid(s)) {
-        continue;
-      }
-      const float* vb = sv + slot_pair(s) * kt * dv;
-      const float* sr = ss + s * kt;
-      for (int j = 0; j < tile; ++j) {
-        const float pj = sr[j];
+      for (int u = 0; u < kDvLanes; ++u) {
+        const int c = lane + 32 * u;
+        if (c >= dv) {
+          continue;
+        }
+        const float vj = sv[(pair_slot(first) * kt + j) * dv + c];
 #pragma unroll
-        for (int u = 0; u < kDvLanes; ++u) {
-          const int c = lane + 32 * u;
-          if (c < dv) {
-            acc[r][u] = fmaf(pj, vb[j * dv + c], acc[r][u]);
-          }
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          const float vr = one_pair ? vj : sv[(pair_slot(first + r) * kt + j) * dv + c];
+          acc[r][u] = fmaf(ss[(first + r) * kt + j], vr, acc[r][u]);
         }
       }
     }
@@ -281,7 +282,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     if (lane == 0) {
-      lse[row] = l[r] > 0.0f ? m[r] + logf(l[r]) : -std::numeric_limits<float>::infinity();
+      lse[row] = l[r] > 0.0f ? m[r] + logf(l[r]) : kNegInf;
     }
   }
 }
@@ -409,7 +410,7 @@ __global__ void __launch_bounds__(kThreads)
           delta = fmaf(sdo[tid * dv + c], static_cast<float>(out[row * dv + c]), delta);
         }
         sdelta[tid] = delta;
-        slse[tid] = lse[row] == -std::numeric_limits<float>::infinity() ? 0.0f : lse[row];  // P = 0 there anyway
+        slse[tid] = lse[row] == kNegInf ? 0.0f : lse[row];  // P = 0 there anyway
       }
       __syncthreads();
 #pragma unroll

@@ -48,7 +48,7 @@ def selftest(tmp_path_factory) -> Path:
     return _build(tmp_path_factory.mktemp("emu") / "selftest", "-O1")
 
 
-@pytest.mark.parametrize("mode", [*RUNTIME_MODES, "conv"])
+@pytest.mark.parametrize("mode", [*RUNTIME_MODES, "conv", "attention"])
 def test_driver(selftest, mode):
     result = _run(selftest, mode)
     assert result.returncode == 0 and f"{mode} ok" in result.stdout, result.stdout + result.stderr
@@ -57,9 +57,10 @@ def test_driver(selftest, mode):
 @pytest.mark.slow
 def test_kernels_under_thread_sanitizer(tmp_path):
     binary = _build(tmp_path / "selftest_tsan", "-O1", "-g", "-fsanitize=thread")
-    clean = _run(binary, "conv")
-    assert clean.returncode == 0 and "conv ok" in clean.stdout, clean.stdout + clean.stderr
-    assert "ThreadSanitizer" not in clean.stderr, clean.stderr
+    for mode in ("conv", "attention"):
+        clean = _run(binary, mode)
+        assert clean.returncode == 0 and f"{mode} ok" in clean.stdout, clean.stdout + clean.stderr
+        assert "ThreadSanitizer" not in clean.stderr, clean.stderr
     # The sanitizer must see a shared-memory race: this is what a missing __syncthreads() looks like.
     racy = _run(binary, "race")
     assert "WARNING: ThreadSanitizer: data race" in racy.stderr, racy.stdout + racy.stderr
@@ -69,9 +70,10 @@ def test_kernels_under_thread_sanitizer(tmp_path):
 @pytest.mark.slow
 def test_kernels_under_address_sanitizer(tmp_path):
     binary = _build(tmp_path / "selftest_asan", "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address")
-    clean = _run(binary, "conv")
-    assert clean.returncode == 0 and "conv ok" in clean.stdout, clean.stdout + clean.stderr
-    assert "AddressSanitizer" not in clean.stderr, clean.stderr
+    for mode in ("conv", "attention"):
+        clean = _run(binary, mode)
+        assert clean.returncode == 0 and f"{mode} ok" in clean.stdout, clean.stdout + clean.stderr
+        assert "AddressSanitizer" not in clean.stderr, clean.stderr
     # An out-of-bounds shared-memory write must be reported.
     overflow = _run(binary, "overflow")
     assert overflow.returncode != 0
