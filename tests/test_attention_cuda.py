@@ -5,7 +5,7 @@ tensors: fp32, fp16 and bf16 (the emulation runs bf16), every bias mode, windows
 4/7/14 with stride 1 and 2, unequal value dims, token counts around the 16-row blocks and 32-key lane strides, a
 sequence above the 256-key resident tile (key-tile streaming), the Swin window mask of the ops' contract, every
 gradient; bitwise-deterministic table gradients, the no-(B, heads, Nq, Nk)-allocation check, opcheck of the custom
-op and of the registered C++ ops, and bad input rejected before any kernel runs. The emulation runs each block's
+op on the cuda family, torch.compile, and bad input rejected before any kernel runs. The emulation runs each block's
 threads as OS threads, so shapes stay small.
 """
 
