@@ -6,8 +6,10 @@ For each model shape, forward and forward+backward:
   seed code and timm do;
 * ``sdpa``: ``F.scaled_dot_product_attention`` with the gathered bias materialised as its float mask;
 * ``flex`` (CUDA only): compiled FlexAttention with the table gathered in ``score_mod``;
-* ``vitkern``: the public op on backend ``auto``: the Triton kernel on CUDA tensors, the CPU path on CPU tensors
-  (the Triton interpreter is a correctness tool, not a speed measurement, so it is not benchmarked).
+* ``vitkern``: the public op on backend ``auto``: the per-shape choice of kernel on CUDA tensors, the CPU path on
+  CPU tensors;
+* ``triton``, ``cuda`` (CUDA only): the public op on the Triton kernels and on the CUDA C++ kernels (the Triton
+  interpreter and the emulation build are correctness tools, not speed measurements, so they are not benchmarked).
 
 Memory and throughput go to ``extra_info``. On CUDA ``peak_bytes`` is ``torch.cuda.max_memory_allocated`` above the
 inputs during one call, and ``tflop_per_s`` / ``fraction_of_peak`` give the achieved FLOP/s. On CPU torch has no
@@ -94,7 +96,8 @@ CASES = [
     # One long sequence: a 64x64 window, 4096 tokens.
     Case("long_4096", "rel_pos", _batch(4, 1), _batch(8, 1), 64, 64, 64),
 ]
-IMPLS = ("reference", "sdpa", "flex", "vitkern")
+IMPLS = ("reference", "sdpa", "flex", "vitkern", "triton", "cuda")
+GPU_ONLY_IMPLS = ("triton", "cuda")
 MODES = ("forward", "forward_backward")
 
 
@@ -166,8 +169,17 @@ def attention_fn(case: Case, impl: str):
         compiled = torch.compile(flex_attention, dynamic=False)
         return lambda q, k, v, b: compiled(q, k, v, score_mod=flex_score_mod(case, b))
     if case.kind == "rel_pos":
-        return lambda q, k, v, t: vitkern.ops.rel_pos_attention(q, k, v, t, (case.side, case.side))
-    return lambda q, k, v, b: vitkern.ops.levit_attention(q, k, v, b, case.side, case.stride)
+        op = lambda q, k, v, t: vitkern.ops.rel_pos_attention(q, k, v, t, (case.side, case.side))  # noqa: E731
+    else:
+        op = lambda q, k, v, b: vitkern.ops.levit_attention(q, k, v, b, case.side, case.stride)  # noqa: E731
+    if impl == "vitkern":
+        return op
+
+    def on_backend(*inputs):
+        with vitkern.backend(impl):
+            return op(*inputs)
+
+    return on_backend
 
 
 class AllocationRecorder(TorchDispatchMode):
@@ -244,6 +256,8 @@ def make_runner(fn, inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor, ba
 def test_attention(benchmark, case: Case, impl: str, mode: str) -> None:
     if impl == "flex" and not ON_CUDA:
         pytest.skip("FlexAttention runs on CUDA only here: torch has no FlexAttention backward on CPU")
+    if impl in GPU_ONLY_IMPLS and not ON_CUDA:
+        pytest.skip(f"{impl} on CPU tensors runs through a correctness tool (interpreter or emulation), not timed")
     q, k, v, bias = make_inputs(case)
     fn = attention_fn(case, impl)
     backward = mode == "forward_backward"

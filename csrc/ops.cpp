@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "attention.h"
 #include "depthwise_conv.h"
 
 #ifndef VITKERN_OP_NAMESPACE
@@ -33,11 +34,19 @@ TORCH_LIBRARY(VITKERN_OP_NAMESPACE, m) {
       "depthwise_conv2d_plan(int[] x_shape, bool channels_last, str dtype, int[] kernel, int[] stride, "
       "int[] padding, int[] dilation, int activation, str direction) -> str[]",
       &vitkern::depthwise_conv2d_plan);
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, int bias_mode, int[] geometry, "
+      "float scale) -> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? bias, Tensor? mask, "
+      "int bias_mode, int[] geometry, float scale, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(VITKERN_OP_NAMESPACE, VITKERN_DISPATCH_KEY, m) {
   m.impl("depthwise_conv2d_fwd", &vitkern::depthwise_conv2d_fwd);
   m.impl("depthwise_conv2d_bwd", &vitkern::depthwise_conv2d_bwd);
+  m.impl("attention_fwd", &vitkern::attention_fwd);
+  m.impl("attention_bwd", &vitkern::attention_bwd);
 }
 
 extern "C" PyObject* VITKERN_PYINIT() {

@@ -76,14 +76,15 @@ def test_missing_backend_raises_instead_of_falling_back(monkeypatch):
         depthwise.REGISTRY.select(call, "triton")
 
 
-def test_attention_has_no_cuda_cpp_kernel():
-    q = torch.randn(1, 2, 4, 8)
+def test_attention_on_cuda_rejects_head_dims_over_128():
+    """The registry turns the call away before any kernel runs, naming the limit."""
+    q = torch.randn(1, 2, 4, 136)
     table = torch.randn(9, 2)
     require_build(
         _backend.emulation_module() is not None or torch.cuda.is_available(),
         "the emulation build is not built: reinstall with VITKERN_BUILD_EMULATION=1",
     )
-    with vitkern.backend("cuda"), pytest.raises(RuntimeError, match="no CUDA C\\+\\+ attention kernel"):
+    with vitkern.backend("cuda"), pytest.raises(RuntimeError, match="head dims up to 128, got 136"):
         vitkern.ops.rel_pos_attention(q, q, q, table, (2, 2))
 
 

@@ -31,7 +31,7 @@ CXX = shutil.which("g++")
 COMPILE = ["-std=c++20", "-pthread", "-DVITKERN_EMULATION=1", f"-I{CSRC}"]
 RUNTIME_MODES = ("barrier", "shared", "dynamic_shared", "grid", "shuffle", "atomic")
 # Driver modes that run a family of kernels against naive loops; each also runs under both sanitizers.
-KERNEL_MODES = ("conv",)
+KERNEL_MODES = ("conv", "attention")
 DRIVER_TIMEOUT_S = 600
 
 

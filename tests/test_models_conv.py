@@ -2,9 +2,8 @@
 
 - Parameter counts of every named configuration against the papers' figures (written here, not computed).
 - The fused backends against ``eager`` (the plain-PyTorch layers and reference ops), same weights, output and the
-  gradient of every parameter, train and eval mode, fp32: "triton" (Triton under the interpreter) for every family,
-  "cuda" (the CUDA C++ kernels through the emulation build) for the families whose only kernel is the depthwise
-  convolution (ConvMixer, PiT, CvT; their attention is SDPA). Tolerance: rtol = 1e-4 and atol = 1e-4 times the
+  gradient of every parameter, train and eval mode, fp32: "triton" (Triton under the interpreter) and "cuda" (the
+  CUDA C++ kernels through the emulation build) for every family. Tolerance: rtol = 1e-4 and atol = 1e-4 times the
   reference's largest magnitude (the project's fp32 tolerance 1e-4, relative to the tensor's scale). The paths differ by
   summation order only: each fused op is within a few fp32 ulps (~1e-7 relative) of its reference, a tiny model
   chains a dozen of them and the backward pass roughly doubles that, so errors stay near 1e-6 of the scale; a real
@@ -83,8 +82,6 @@ def small_model(family: str) -> tuple[nn.Module, int]:
 
 
 FAMILIES = ("coatnet", "convmixer", "cvt", "levit", "pit")
-# The CUDA C++ backend has the depthwise convolution only: families whose other hot spots are plain attention.
-CUDA_FAMILIES = ("convmixer", "cvt", "pit")
 
 
 def randomize(model: nn.Module) -> nn.Module:
@@ -165,8 +162,16 @@ def test_triton_matches_eager(family, mode):
     check_backend_matches_eager(family, "triton", mode)
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("family", CUDA_FAMILIES)
+CUDA_CASES = [
+    pytest.param(family, mode, marks=pytest.mark.xfail(
+        strict=True, reason="open: one BatchNorm bias gradient of LeViT in train mode is 1.6e-4 off on cuda (1e-4 "
+        "allowed); under investigation, not a tolerance to widen")) if (family, mode) == ("levit", "train")
+    else (family, mode)
+    for family in FAMILIES for mode in ("train", "eval")
+]
+
+
+@pytest.mark.parametrize("family, mode", CUDA_CASES)
 def test_cuda_matches_eager(family, mode):
     check_backend_matches_eager(family, "cuda", mode)
 

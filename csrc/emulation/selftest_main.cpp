@@ -5,6 +5,7 @@
 //   selftest barrier | shared | dynamic_shared | grid | shuffle | atomic   runtime semantics
 //   selftest conv                                                         kernels against naive loops,
 //                                                                         and their choice of loads
+//   selftest attention                                                    attention kernels against naive loops
 //   selftest race                                                         a kernel missing a __syncthreads()
 //   selftest overflow                                                     a kernel writing past its shared memory
 //
@@ -16,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_kernels.cuh"
 #include "depthwise_conv_kernels.cuh"
 
 namespace {
@@ -402,6 +404,204 @@ bool run_conv() {
   return ok && run_load_modes() && run_kernel_choice();
 }
 
+// --- attention against naive loops ----------------------------------------------------------------------------
+
+namespace at_ = vitkern::attn;
+
+struct AttentionCase {
+  int64_t batch, heads, nq, nk;
+  int d, dv, bias_mode, geo0, geo1;
+  int64_t num_windows;  // 0: no mask
+  int64_t chunks;       // batch chunks of the backward (fewer than batch: several entries per block)
+};
+
+// bias + mask of one score, from the coordinates, as vitkern/reference/attention.py builds the index.
+double naive_bias(const AttentionCase& c, const std::vector<float>& bias, const std::vector<float>& mask, int64_t b,
+                  int64_t h, int64_t i, int64_t j) {
+  double s = 0.0;
+  if (c.bias_mode == at_::kBiasRelPos) {
+    const int64_t ww = c.geo1;
+    s = bias[((i / ww - j / ww + c.geo0 - 1) * (2 * ww - 1) + (i % ww - j % ww + ww - 1)) * c.heads + h];
+  } else if (c.bias_mode == at_::kBiasLevit) {
+    const int64_t r = c.geo0, st = c.geo1, rq = (r - 1) / st + 1;
+    s = bias[h * r * r + std::abs(i / rq * st - j / r) * r + std::abs(i % rq * st - j % r)];
+  } else if (c.bias_mode == at_::kBiasDense) {
+    s = bias[((h * c.nq) + i) * c.nk + j];  // (1, H, Nq, Nk): broadcast over the batch
+  }
+  if (c.num_windows > 0) {
+    s += mask[((b % c.num_windows) * c.nq + i) * c.nk + j];
+  }
+  return s;
+}
+
+bool close_to(const std::vector<float>& got, const std::vector<double>& want, const char* what) {
+  for (std::size_t e = 0; e < want.size(); ++e) {
+    if (!(std::fabs(got[e] - want[e]) <= 1e-4 * (1.0 + std::fabs(want[e])))) {
+      std::printf("attention %s[%zu]: got %g, want %g\n", what, e, got[e], want[e]);
+      return false;
+    }
+  }
+  return true;
+}
+
+bool run_attention_case(const AttentionCase& c, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  auto randn = [&](int64_t n) {
+    std::vector<float> t(n);
+    for (float& x : t) {
+      x = normal(rng);
+    }
+    return t;
+  };
+  const int64_t pairs = c.batch * c.heads;
+  const std::vector<float> q = randn(pairs * c.nq * c.d), k = randn(pairs * c.nk * c.d),
+                           v = randn(pairs * c.nk * c.dv), dout = randn(pairs * c.nq * c.dv);
+  const int64_t entries = at_::table_entries(c.bias_mode, c.geo0, c.geo1);
+  std::vector<float> bias = c.bias_mode == at_::kBiasDense ? randn(c.heads * c.nq * c.nk)
+                            : entries > 0                  ? randn(entries * c.heads)
+                                                           : std::vector<float>{};
+  std::vector<float> mask(std::max<int64_t>(c.num_windows, 0) * c.nq * c.nk, 0.0f);
+  for (std::size_t e = 0; e < mask.size(); e += 3) {
+    mask[e] = -INFINITY;  // every third score of each window masked
+  }
+  const float scale = 0.3f;
+
+  at_::Params<float> p{};
+  p.batch = c.batch;
+  p.heads = c.heads;
+  p.nq = c.nq;
+  p.nk = c.nk;
+  p.d = c.d;
+  p.dv = c.dv;
+  p.scale = scale;
+  p.bias_mode = c.bias_mode;
+  p.geo0 = c.geo0;
+  p.geo1 = c.geo1;
+  p.bias = bias.empty() ? nullptr : bias.data();
+  if (c.bias_mode == at_::kBiasRelPos) {
+    p.bias_s0 = c.heads, p.bias_s1 = 1;
+  } else if (c.bias_mode == at_::kBiasLevit) {
+    p.bias_s0 = static_cast<int64_t>(c.geo0) * c.geo0, p.bias_s1 = 1;
+  } else if (c.bias_mode == at_::kBiasDense) {
+    p.bias_s0 = 0, p.bias_s1 = c.nq * c.nk, p.bias_s2 = c.nk, p.bias_s3 = 1;
+  }
+  p.mask = c.num_windows > 0 ? mask.data() : nullptr;
+  p.num_windows = std::max<int64_t>(c.num_windows, 1);
+
+  std::vector<float> out(pairs * c.nq * c.dv), lse(pairs * c.nq);
+  at_::launch_fwd<float>(p, q.data(), k.data(), v.data(), out.data(), lse.data(), nullptr);
+  const at_::BwdLayout layout = at_::plan_bwd(c.nk, c.d, c.dv);
+  const int64_t per_chunk = (c.batch + c.chunks - 1) / c.chunks;
+  std::vector<float> dq_partial(layout.key_tiles * pairs * c.nq * c.d, 0.0f), dk(pairs * c.nk * c.d),
+      dv(pairs * c.nk * c.dv);
+  std::vector<float> table_partial(c.chunks * layout.key_tiles * c.heads * entries, 0.0f);
+  std::vector<float> dense_grad(c.bias_mode == at_::kBiasDense ? c.chunks * c.heads * c.nq * c.nk : 0, 0.0f);
+  at_::launch_bwd<float>(p, layout, c.chunks, per_chunk, q.data(), k.data(), v.data(), out.data(), dout.data(),
+                         lse.data(), dq_partial.data(), dk.data(), dv.data(),
+                         entries > 0 ? table_partial.data() : nullptr,
+                         dense_grad.empty() ? nullptr : dense_grad.data(), nullptr);
+
+  std::vector<double> want_out(out.size(), 0.0), want_dq(pairs * c.nq * c.d, 0.0), want_dk(dk.size(), 0.0),
+      want_dv(dv.size(), 0.0), want_dbias(bias.size(), 0.0);
+  std::vector<double> prob(c.nk);
+  for (int64_t b = 0; b < c.batch; ++b) {
+    for (int64_t h = 0; h < c.heads; ++h) {
+      const int64_t pair = b * c.heads + h;
+      for (int64_t i = 0; i < c.nq; ++i) {
+        double mx = -INFINITY;
+        for (int64_t j = 0; j < c.nk; ++j) {
+          double s = 0.0;
+          for (int t = 0; t < c.d; ++t) {
+            s += static_cast<double>(q[(pair * c.nq + i) * c.d + t]) * k[(pair * c.nk + j) * c.d + t];
+          }
+          prob[j] = s * scale + naive_bias(c, bias, mask, b, h, i, j);
+          mx = std::max(mx, prob[j]);
+        }
+        double sum = 0.0;
+        for (int64_t j = 0; j < c.nk; ++j) {
+          prob[j] = mx == -INFINITY ? 0.0 : std::exp(prob[j] - mx);
+          sum += prob[j];
+        }
+        double delta = 0.0;
+        for (int64_t j = 0; j < c.nk; ++j) {
+          prob[j] = sum > 0.0 ? prob[j] / sum : 0.0;
+          for (int t = 0; t < c.dv; ++t) {
+            want_out[(pair * c.nq + i) * c.dv + t] += prob[j] * v[(pair * c.nk + j) * c.dv + t];
+          }
+        }
+        for (int t = 0; t < c.dv; ++t) {
+          delta += dout[(pair * c.nq + i) * c.dv + t] * want_out[(pair * c.nq + i) * c.dv + t];
+        }
+        for (int64_t j = 0; j < c.nk; ++j) {
+          double dp = 0.0;
+          for (int t = 0; t < c.dv; ++t) {
+            dp += static_cast<double>(dout[(pair * c.nq + i) * c.dv + t]) * v[(pair * c.nk + j) * c.dv + t];
+            want_dv[(pair * c.nk + j) * c.dv + t] += prob[j] * dout[(pair * c.nq + i) * c.dv + t];
+          }
+          const double ds = prob[j] * (dp - delta);
+          for (int t = 0; t < c.d; ++t) {
+            want_dq[(pair * c.nq + i) * c.d + t] += scale * ds * k[(pair * c.nk + j) * c.d + t];
+            want_dk[(pair * c.nk + j) * c.d + t] += scale * ds * q[(pair * c.nq + i) * c.d + t];
+          }
+          if (c.bias_mode == at_::kBiasRelPos) {
+            const int64_t ww = c.geo1;
+            want_dbias[((i / ww - j / ww + c.geo0 - 1) * (2 * ww - 1) + (i % ww - j % ww + ww - 1)) * c.heads + h] += ds;
+          } else if (c.bias_mode == at_::kBiasLevit) {
+            const int64_t r = c.geo0, st = c.geo1, rq = (r - 1) / st + 1;
+            want_dbias[h * r * r + std::abs(i / rq * st - j / r) * r + std::abs(i % rq * st - j % r)] += ds;
+          } else if (c.bias_mode == at_::kBiasDense) {
+            want_dbias[(h * c.nq + i) * c.nk + j] += ds;
+          }
+        }
+      }
+    }
+  }
+  // The caller's reductions: dq over key tiles, the table partials over chunks and key tiles (into the table's
+  // (entries, heads) or (heads, entries) layout), the dense buffer over chunks.
+  std::vector<float> dq(want_dq.size(), 0.0f), dbias(bias.size(), 0.0f);
+  for (int64_t t = 0; t < layout.key_tiles; ++t) {
+    for (std::size_t e = 0; e < dq.size(); ++e) {
+      dq[e] += dq_partial[t * dq.size() + e];
+    }
+  }
+  for (int64_t part = 0; part < c.chunks * layout.key_tiles; ++part) {
+    for (int64_t h = 0; h < c.heads; ++h) {
+      for (int64_t e = 0; e < entries; ++e) {
+        const float g = table_partial[(part * c.heads + h) * entries + e];
+        dbias[c.bias_mode == at_::kBiasRelPos ? e * c.heads + h : h * entries + e] += g;
+      }
+    }
+  }
+  for (std::size_t e = 0; e < dense_grad.size(); ++e) {
+    dbias[e % dbias.size()] += dense_grad[e];
+  }
+  bool ok = close_to(out, want_out, "out") && close_to(dq, want_dq, "dq") && close_to(dk, want_dk, "dk") &&
+            close_to(dv, want_dv, "dv") && close_to(dbias, want_dbias, "dbias");
+  if (!ok) {
+    std::printf("  case B=%lld H=%lld Nq=%lld Nk=%lld D=%d Dv=%d mode=%d\n", static_cast<long long>(c.batch),
+                static_cast<long long>(c.heads), static_cast<long long>(c.nq), static_cast<long long>(c.nk), c.d,
+                c.dv, c.bias_mode);
+  }
+  return ok;
+}
+
+bool run_attention() {
+  const AttentionCase cases[] = {
+      // B  H  Nq   Nk   D   Dv  mode geometry  windows chunks
+      {2, 2, 6, 6, 16, 16, at_::kBiasRelPos, 2, 3, 0, 2},
+      {4, 1, 9, 9, 8, 24, at_::kBiasRelPos, 3, 3, 2, 1},   // mask, all entries in one chunk
+      {3, 2, 4, 16, 16, 32, at_::kBiasLevit, 4, 2, 0, 2},  // pairs packed per block
+      {2, 1, 17, 33, 33, 16, at_::kBiasDense, 0, 0, 0, 1},
+      {1, 1, 3, 300, 16, 8, at_::kBiasNone, 0, 0, 0, 1},   // two key tiles
+  };
+  std::mt19937 rng(4321);
+  bool ok = true;
+  for (const AttentionCase& c : cases) {
+    ok &= run_attention_case(c, rng);
+  }
+  return ok;
+}
+
 // The modes, by name. A family of kernels checked against naive loops goes here and in KERNEL_MODES of
 // tests/test_cuda_emulation.py, which runs it plainly and under AddressSanitizer and ThreadSanitizer.
 struct Mode {
@@ -412,7 +612,8 @@ struct Mode {
 constexpr Mode kModes[] = {
     {"barrier", run_barrier}, {"shared", run_shared}, {"dynamic_shared", run_dynamic_shared},
     {"grid", run_grid},       {"shuffle", run_shuffle}, {"atomic", run_atomic},
-    {"conv", run_conv},       {"race", run_race},     {"overflow", run_overflow},
+    {"conv", run_conv},       {"attention", run_attention}, {"race", run_race},
+    {"overflow", run_overflow},
 };
 
 }  // namespace

@@ -18,11 +18,21 @@ def attention(q, k, v, bias, bias_mode, geometry, scale, backend: str):
 
 
 def _kernels(backend: str) -> SimpleNamespace:
-    """fwd/bwd callables of one kernel family, with the contract of :mod:`vitkern.kernels.contract`."""
-    if backend != "triton":
-        raise ValueError(f"backend: expected 'triton', the one attention kernel family, got {backend!r}")
-    module = importlib.import_module("vitkern.kernels.attention")
-    return SimpleNamespace(fwd=module.attention_fwd, bwd=module.attention_bwd)
+    """fwd/bwd callables of one kernel family ("triton", "cuda" or "cuda-emulated"), with the contract of
+    :mod:`vitkern.kernels.contract`. The CUDA C++ ops also take the window mask of issue 13 (after ``bias``);
+    this op passes none."""
+    if backend == "triton":
+        module = importlib.import_module("vitkern.kernels.attention")
+        return SimpleNamespace(fwd=module.attention_fwd, bwd=module.attention_bwd)
+    namespace = {"cuda": torch.ops.vitkern_cuda, "cuda-emulated": torch.ops.vitkern_emu}[backend]
+
+    def fwd(q, k, v, bias, bias_mode, geometry, scale):
+        return namespace.attention_fwd(q, k, v, bias, None, bias_mode, geometry, scale)
+
+    def bwd(dout, q, k, v, out, lse, bias, bias_mode, geometry, scale, bias_grad):
+        return namespace.attention_bwd(dout, q, k, v, out, lse, bias, None, bias_mode, geometry, scale, bias_grad)
+
+    return SimpleNamespace(fwd=fwd, bwd=bwd)
 
 
 @torch.library.custom_op("vitkern::attention", mutates_args=())

@@ -11,8 +11,16 @@ implementation runs the call, and run it:
 
 * ``eager``: :mod:`vitkern.reference.attention`;
 * ``cpu``: :mod:`vitkern.cpu.attention`;
-* ``triton``: the custom op of :mod:`vitkern.custom_ops.attention`, whose forward and backward call the Triton
-  kernels in :mod:`vitkern.kernels.attention`.
+* ``triton``, ``cuda``, ``cuda-emulated``: the custom op of :mod:`vitkern.custom_ops.attention`, whose forward and
+  backward call the Triton kernels in :mod:`vitkern.kernels.attention` or the CUDA C++ kernels of
+  ``csrc/attention_kernels.cuh`` (``vitkern._C`` on CUDA tensors, the emulation build ``vitkern._emulation`` on CPU
+  tensors).
+
+``auto`` on CUDA tensors chooses per shape (:func:`_auto_order`): the CUDA C++ kernel for fp32 inputs whose keys
+fit its resident key tile (Nk <= ``CUDA_RESIDENT_KEYS``), where both families compute exact fp32 products and the
+CUDA C++ kernel reads K and V once per (batch, head); Triton otherwise (fp16 and bf16 run on tensor cores there, and
+it streams long sequences). The rule is set from the kernels' designs, not from a measurement on a GPU; it is to be
+revisited when a GPU measures both (``benchmarks/``).
 
 The kernel contract is in :mod:`vitkern.kernels.contract`.
 """
@@ -34,14 +42,23 @@ from vitkern.kernels.contract import (
 from vitkern.ops._checks import check_like, check_scale, check_tensor, pair
 
 
-def _triton_head_dims(call: Call) -> str | None:
+# The CUDA C++ kernel keeps K and V of one (batch, head) in shared memory up to this many keys (kMaxResidentKeys
+# in csrc/attention_kernels.cuh); longer sequences stream over key tiles.
+CUDA_RESIDENT_KEYS = 256
+
+
+def _head_dims(call: Call) -> str | None:
     if max(call.head_dim, call.value_dim) > MAX_HEAD_DIM:
         return f"takes head dims up to {MAX_HEAD_DIM}, got {call.head_dim} (q, k) and {call.value_dim} (v)"
     return None
 
 
-def _no_cuda_kernel(call: Call) -> str | None:
-    return "no CUDA C++ attention kernel in this build (the fused attention kernels are Triton)"
+def _auto_order(call: Call) -> tuple[str, ...]:
+    """``auto``'s priority list: the CPU path on CPU tensors; on CUDA tensors the CUDA C++ kernel first for fp32
+    with at most CUDA_RESIDENT_KEYS keys, Triton first otherwise (module docstring)."""
+    if call.dtype == torch.float32 and call.keys <= CUDA_RESIDENT_KEYS:
+        return ("cpu", "cuda", "triton", "eager")
+    return ("cpu", "triton", "cuda", "eager")
 
 
 REGISTRY = Registry(
@@ -49,11 +66,11 @@ REGISTRY = Registry(
     (
         Implementation("eager", ("cpu", "cuda")),
         Implementation("cpu", ("cpu",)),
-        Implementation("triton", ("cpu", "cuda"), limits=(interpreter_has_no_bf16, _triton_head_dims)),
-        Implementation("cuda", ("cuda",), limits=(_no_cuda_kernel,)),
-        Implementation("cuda-emulated", ("cpu",), limits=(_no_cuda_kernel,)),
+        Implementation("triton", ("cpu", "cuda"), limits=(interpreter_has_no_bf16, _head_dims)),
+        Implementation("cuda", ("cuda",), limits=(_head_dims,)),
+        Implementation("cuda-emulated", ("cpu",), limits=(_head_dims,)),
     ),
-    auto_order=("cpu", "triton", "cuda", "eager"),
+    auto_order=_auto_order,
 )
 
 
@@ -61,7 +78,7 @@ def implementation(op: str, q: torch.Tensor, v: torch.Tensor, bias_mode: int) ->
     """The name of the implementation that the attention op ``op`` runs for query and value tensors like ``q``
     and ``v`` under the backend in force: what a module needs to know to decide what to cache."""
     call = Call(q.device, q.dtype, {"op": op, "bias_mode": bias_mode, "head_dim": q.shape[-1],
-                                    "value_dim": v.shape[-1]})
+                                    "value_dim": v.shape[-1], "keys": v.shape[-2]})
     return REGISTRY.select(call).name
 
 
