@@ -338,7 +338,7 @@ def bad_conv_calls(draw):
     x = tensors["x"]
     channels = x.shape[1]
     what = draw(st.sampled_from(
-        ["tensor", "channels", "kernel_size", "stride", "dilation", "padding", "activation", "vector_shape",
+        ["tensor", "channels", "no_channels", "kernel_size", "stride", "dilation", "padding", "activation", "vector_shape",
          "residual_shape", "too_small"]
     ))
     if what == "tensor":
@@ -348,6 +348,9 @@ def bad_conv_calls(draw):
     if what == "channels":
         tensors["weight"] = torch.randn(channels + draw(st.integers(1, 3)), 1, 3, 3)
         return tensors, kwargs, "weight"
+    if what == "no_channels":
+        tensors = {**dict.fromkeys(tensors), "x": x[:, :0], "weight": tensors["weight"][:0]}
+        return tensors, kwargs, "x"
     if what == "kernel_size":
         tensors["weight"] = torch.randn(channels, 1, MAX_KERNEL + draw(st.integers(1, 4)), 1)
         return tensors, kwargs, "weight"
@@ -378,7 +381,7 @@ def bad_conv_calls(draw):
 
 def _bad_attention_common(draw, tensors, kwargs):
     """One wrong thing shared by the three attention ops: q/k/v rank, dtype, device, head dims, batch, scale."""
-    what = draw(st.sampled_from(["tensor", "head_dim", "batch", "tokens_v", "scale"]))
+    what = draw(st.sampled_from(["tensor", "head_dim", "no_head_dim", "no_value_dim", "batch", "tokens_v", "scale"]))
     k, v = tensors["k"], tensors["v"]
     if what == "tensor":
         name = draw(st.sampled_from(["q", "k", "v"]))
@@ -387,13 +390,19 @@ def _bad_attention_common(draw, tensors, kwargs):
     if what == "head_dim":
         tensors["k"] = torch.randn(*k.shape[:3], k.shape[3] + draw(st.integers(1, 3)))
         return "k"
+    if what == "no_head_dim":
+        tensors["q"], tensors["k"] = tensors["q"][..., :0], k[..., :0]
+        return "q"
+    if what == "no_value_dim":
+        tensors["v"] = v[..., :0]
+        return "v"
     if what == "batch":
         tensors["k"] = torch.randn(k.shape[0] + 1, *k.shape[1:])
         return "k"
     if what == "tokens_v":
         tensors["v"] = torch.randn(v.shape[0], v.shape[1], v.shape[2] + 1, v.shape[3])
         return "v"
-    kwargs["scale"] = draw(st.sampled_from(["0.5", [0.5], torch.tensor(0.5), True]))
+    kwargs["scale"] = draw(st.sampled_from(["0.5", [0.5], torch.tensor(0.5), True, math.nan, math.inf, -math.inf]))
     return "scale"
 
 
@@ -430,8 +439,11 @@ def bad_attention_calls(draw):
             return op_name, tensors, kwargs, "biases"
         kwargs[what] = draw(st.sampled_from([0, -1, 2.0, "4", None]))
         return op_name, tensors, kwargs, what
-    if tensors["bias"] is None or draw(st.booleans()):
-        tensors["bias"] = torch.randn(2, *q.shape[:2], q.shape[2], tensors["k"].shape[2])  # 5-D
+    what = draw(st.sampled_from(["5-D", "0-D", "broken"]))
+    if what == "5-D" or (what == "broken" and tensors["bias"] is None):
+        tensors["bias"] = torch.randn(2, *q.shape[:2], q.shape[2], tensors["k"].shape[2])
+    elif what == "0-D":
+        tensors["bias"] = torch.tensor(1.0)
     else:
         tensors["bias"] = _tensor_breakage(draw, tensors["bias"])
     return op_name, tensors, kwargs, "bias"
@@ -462,3 +474,83 @@ def test_attention_rejects_bad_input(case):
     op_name, tensors, kwargs, argument = case
     op = ATTENTION[op_name][0]
     assert_rejected(lambda: op(**tensors, **kwargs), tensors, argument)
+
+
+# --- regressions: failures found by the tests above and by hand, each a plain test ---------------------------------
+
+FUSED_ATTENTION_BACKENDS = ["auto", pytest.param("triton", marks=NEEDS_TRITON)]
+
+
+@pytest.mark.parametrize("backend", FUSED_ATTENTION_BACKENDS)
+@pytest.mark.parametrize("heads_masked", ["one", "all"])
+def test_rel_pos_table_holding_minus_inf_gives_the_reference_on_every_backend(backend, heads_masked):
+    """auto on CPU returned NaN for a table column of -inf, where eager and triton give zeros (fully masked rows)."""
+    q, k, v = torch.randn(3, 1, 2, 4, 8).unbind(0)
+    table = torch.randn(9, 2)
+    table[:, 0 if heads_masked == "one" else slice(None)] = float("-inf")
+    expected = reference.rel_pos_attention(q.double(), k.double(), v.double(), table.double(), (2, 2))
+    with vitkern.backend(backend):
+        out = vitkern.ops.rel_pos_attention(q, k, v, table, 2)
+    assert_close(out, expected.float())
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
+
+
+@pytest.mark.parametrize("backend", FUSED_ATTENTION_BACKENDS)
+def test_levit_biases_holding_minus_inf_give_the_reference_on_every_backend(backend):
+    q, k, v = torch.randn(3, 1, 2, 4, 8).unbind(0)
+    biases = torch.randn(2, 4)
+    biases[1] = float("-inf")
+    biases[0, 3] = float("-inf")  # a partly masked head beside a fully masked one
+    expected = reference.levit_attention(q.double(), k.double(), v.double(), biases.double(), 2)
+    with vitkern.backend(backend):
+        out = vitkern.ops.levit_attention(q, k, v, biases, 2)
+    assert_close(out, expected.float())
+
+
+ALL_BACKENDS = ["auto", "eager", "triton", "cuda"]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_head_dim_zero_is_a_value_error(backend):
+    """It was a ZeroDivisionError from the default scale."""
+    q = torch.randn(1, 2, 4, 0)
+    with vitkern.backend(backend), pytest.raises(ValueError, match="q: expected head_dim >= 1"):
+        vitkern.ops.biased_attention(q, q, torch.randn(1, 2, 4, 3))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_zero_channels_is_a_value_error(backend):
+    """auto/eager raised torch's "non-positive groups", the emulated CUDA backend returned an empty tensor."""
+    with vitkern.backend(backend), pytest.raises(ValueError, match="x: expected at least 1 channel"):
+        vitkern.ops.depthwise_conv2d(torch.randn(1, 0, 5, 5), torch.randn(0, 1, 3, 3))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("scale", [math.nan, math.inf])
+def test_non_finite_scale_is_a_value_error(backend, scale):
+    """A NaN scale gave NaN outputs on every backend without a word."""
+    q = torch.randn(1, 2, 4, 8)
+    with vitkern.backend(backend), pytest.raises(ValueError, match="scale: expected a finite number"):
+        vitkern.ops.biased_attention(q, q, q, scale=scale)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_zero_dim_bias_is_a_value_error(backend):
+    """A 0-D bias was broadcast silently; a constant does not change the softmax, so it is refused."""
+    q = torch.randn(1, 2, 4, 8)
+    with vitkern.backend(backend), pytest.raises(ValueError, match="bias: expected 1 to 4 dims"):
+        vitkern.ops.biased_attention(q, q, q, torch.tensor(1.0))
+
+
+def test_half_precision_convolution_on_cpu_is_not_measured(monkeypatch):
+    """The README's fp16 ConvMixer call measured both memory formats on its first call, which cost more than any
+    choice could save."""
+    monkeypatch.setattr(vitkern._tuning, "_choices", {})
+    x = torch.randn(2, 64, 48, 48, dtype=torch.float16)
+    weight = torch.randn(64, 1, 9, 9, dtype=torch.float16)
+    with vitkern.backend("auto"):
+        vitkern.ops.depthwise_conv2d(x, weight, activation="gelu")
+    assert vitkern._tuning.choices() == {}
+    with vitkern.backend("auto"):
+        vitkern.ops.depthwise_conv2d(x.float(), weight.float(), activation="gelu")
+    assert len(vitkern._tuning.choices()) == 1, "the fp32 call of the same size was not measured: the test proves nothing"
