@@ -268,7 +268,8 @@ def check_attention(op_name: str, backend: str, case) -> None:
     op, ref = ATTENTION[op_name]
     if op_name == "rel_pos_attention":
         window = _as_pair(kwargs["window"])
-        compare(backend, lambda **t: op(**t, **kwargs), lambda **t: ref(**t, window=window, scale=kwargs["scale"]), tensors, 1)
+        expected = lambda **t: ref(**t, window=window, scale=kwargs["scale"])  # noqa: E731
+        compare(backend, lambda **t: op(**t, **kwargs), expected, tensors, 1)
     else:
         compare(backend, lambda **t: op(**t, **kwargs), lambda **t: ref(**t, **kwargs), tensors, 1)
 
@@ -338,8 +339,8 @@ def bad_conv_calls(draw):
     x = tensors["x"]
     channels = x.shape[1]
     what = draw(st.sampled_from(
-        ["tensor", "channels", "no_channels", "kernel_size", "stride", "dilation", "padding", "activation", "vector_shape",
-         "residual_shape", "too_small"]
+        ["tensor", "channels", "no_channels", "kernel_size", "stride", "dilation", "padding", "activation",
+         "vector_shape", "residual_shape", "too_small"]
     ))
     if what == "tensor":
         name = draw(st.sampled_from([n for n, t in tensors.items() if t is not None]))
@@ -553,4 +554,4 @@ def test_half_precision_convolution_on_cpu_is_not_measured(monkeypatch):
     assert vitkern._tuning.choices() == {}
     with vitkern.backend("auto"):
         vitkern.ops.depthwise_conv2d(x.float(), weight.float(), activation="gelu")
-    assert len(vitkern._tuning.choices()) == 1, "the fp32 call of the same size was not measured: the test proves nothing"
+    assert len(vitkern._tuning.choices()) == 1, "the fp32 call of that size was not measured: the test proves nothing"
