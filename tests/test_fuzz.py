@@ -24,12 +24,9 @@ from hypothesis import strategies as st
 import vitkern
 from vitkern import reference
 from vitkern.ops.depthwise_conv import MAX_KERNEL
-from vitkern.testing import assert_close
+from vitkern.testing import assert_close, require_build
 
 AVAILABLE = vitkern.available_backends()
-NEEDS_EMULATION = pytest.mark.skipif(
-    not AVAILABLE["cuda-emulated"], reason="needs the emulation build vitkern._emulation (VITKERN_BUILD_EMULATION=1)"
-)
 NEEDS_TRITON = pytest.mark.skipif(not AVAILABLE["triton"], reason="needs triton with a GPU or TRITON_INTERPRET=1")
 DTYPES = (torch.float32, torch.float16)
 # Fractions of the profile's example count: the Triton interpreter and the emulated CUDA threads are slow.
@@ -175,10 +172,10 @@ def test_depthwise_conv2d_auto(case):
     check_conv("auto", case)
 
 
-@NEEDS_EMULATION
 @given(case=conv_inputs(max_kernel=15, max_extent=10))
 @examples("cuda")
 def test_depthwise_conv2d_cuda_emulated(case):
+    require_build(AVAILABLE["cuda-emulated"], "needs the emulation build vitkern._emulation: VITKERN_BUILD_EMULATION=1")
     check_conv("cuda", case)
 
 
