@@ -5,7 +5,7 @@
   gradient of every parameter, train and eval mode, fp32: "triton" (Triton under the interpreter) for every family,
   "cuda" (the CUDA C++ kernels through the emulation build) for the families whose only kernel is the depthwise
   convolution (ConvMixer, PiT, CvT; their attention is SDPA). Tolerance: rtol = 1e-4 and atol = 1e-4 times the
-  reference's largest magnitude (DESIGN.md's fp32 1e-4, relative to the tensor's scale). The paths differ by
+  reference's largest magnitude (the project's fp32 tolerance 1e-4, relative to the tensor's scale). The paths differ by
   summation order only: each fused op is within a few fp32 ulps (~1e-7 relative) of its reference, a tiny model
   chains a dozen of them and the backward pass roughly doubles that, so errors stay near 1e-6 of the scale; a real
   mistake (a wrong BatchNorm fold, a mis-indexed bias, a dropped residual) moves values by 1e-2 or more.
@@ -67,18 +67,18 @@ def small_model(family: str) -> tuple[nn.Module, int]:
     seconds. CoAtNet uses C-T-T-T so that a transformer stage sits on a 4x4 map (with C-C-T-T at this size the
     rel-pos windows would be 2x2 and 1x1)."""
     if family == "coatnet":
-        model = CoAtNet(32, num_blocks=(1, 2, 1, 2, 1), channels=(4, 4, 64, 32, 32), block_types=("C", "T", "T", "T"),
+        model = CoAtNet(32, depth=(1, 2, 1, 2, 1), embed_dim=(4, 4, 64, 32, 32), block_types=("C", "T", "T", "T"),
                         num_classes=NUM_CLASSES, head_hidden_size=16)
         return model, 32
     if family == "convmixer":
         return ConvMixer(4, 2, kernel_size=5, patch_size=4, num_classes=NUM_CLASSES), 16
     if family == "levit":
-        return LeViT(64, dims=(16, 32), depths=(1, 1), heads=(1, 2), dim_key=16, num_classes=NUM_CLASSES), 64
+        return LeViT(64, embed_dim=(16, 32), depth=(1, 1), num_heads=(1, 2), key_dim=16, num_classes=NUM_CLASSES), 64
     if family == "cvt":
-        model = CvT(dims=(4, 8), depths=(1, 1), heads=(1, 2), embed_kernels=(3, 3), embed_strides=(2, 2),
+        model = CvT(embed_dim=(4, 8), depth=(1, 1), num_heads=(1, 2), embed_kernels=(3, 3), embed_strides=(2, 2),
                     embed_paddings=(1, 1), num_classes=NUM_CLASSES)
         return model, 16
-    model = PiT(16, patch_size=4, stride=2, base_dims=(2, 2), depth=(1, 1), heads=(2, 4), num_classes=NUM_CLASSES)
+    model = PiT(16, patch_size=4, stride=2, head_dim=(2, 2), depth=(1, 1), num_heads=(2, 4), num_classes=NUM_CLASSES)
     return model, 16
 
 

@@ -2,7 +2,7 @@
 
 - Parameter counts of every named configuration against the papers' figures.
 - The SDPA path (every backend but ``eager``) against the plain matmul-softmax path, output and every parameter
-  gradient, train and eval mode, fp32 at the DESIGN.md tolerance (rtol = atol = 1e-4): the two paths differ only in
+  gradient, train and eval mode, fp32 at the project's tolerance (rtol = atol = 1e-4): the two paths differ only in
   the summation order of the attention (SDPA's fused kernel against matmul, softmax, matmul), an error of a few
   fp32 ulps (~1e-7 relative) per attention, which a few blocks and the backward pass grow to ~1e-6; 1e-4 leaves two
   orders of margin while a real mistake (a wrong scale, a missed head split, dropped tokens) moves values by 1e-2+.
@@ -29,7 +29,7 @@ NUM_CLASSES = 10
 IMG = 32
 BATCH = 2
 
-# Published parameter counts in millions (the figures of issue 4) and where each comes from.
+# Published parameter counts in millions and where each comes from.
 PAPER_PARAMS_M = {
     "deit_tiny_patch16_224": (5.7, "DeiT (Touvron et al. 2021), facebookresearch/deit model table"),
     "deit_small_patch16_224": (22.1, "DeiT, facebookresearch/deit model table"),
@@ -297,7 +297,7 @@ def _unheads(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 1, 3).reshape(b, n, h * d)
 
 
-def test_reattention_matches_the_seed_formula():
+def test_reattention_matches_the_formula():
     from vitkern.models.deepvit import ReAttention
 
     heads, dim = 4, 32

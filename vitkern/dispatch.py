@@ -109,6 +109,13 @@ def _unavailable(name: str, device: torch.device) -> str | None:
     return None
 
 
+def interpreter_has_no_bf16(call: Call) -> str | None:
+    """A limit of the Triton kernels on CPU tensors, which run under the interpreter: it has no bfloat16."""
+    if call.device.type == "cpu" and call.dtype == torch.bfloat16:
+        return "the Triton interpreter has no bfloat16 (CPU tensors run under it)"
+    return None
+
+
 @dataclass(frozen=True)
 class Registry:
     """The implementations of one op and the order ``auto`` tries them in.

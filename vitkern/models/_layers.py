@@ -1,10 +1,14 @@
-"""Transformer layers shared by vitkern's vision-transformer models.
+"""Layers shared by the families of vitkern's model set.
 
 Token tensors are (batch, tokens, dim); per-head tensors are (batch, heads, tokens, head_dim).
 
-Plain softmax attention runs on the current backend (:func:`vitkern.current_backend`): ``eager`` computes it as the
-seed code does (matmul, softmax, dropout, matmul), every other backend calls
+Plain softmax attention runs on the current backend (:func:`vitkern.current_backend`): ``eager`` computes it as
+timm's ``Attention`` does without its fused path (matmul, softmax, dropout, matmul; huggingface/pytorch-image-models
+``timm/models/vision_transformer.py``), every other backend calls
 :func:`torch.nn.functional.scaled_dot_product_attention`. The parameters are the same on every backend.
+
+The classifier interface (:class:`ClassifierModel`), the ViT trunk (:class:`VisionTransformer`) and the depthwise
+convolution with BatchNorm (:class:`DepthwiseConvBN`) live here too: each family builds on them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from vitkern._backend import current_backend
 from vitkern.ops.depthwise_conv import depthwise_conv2d
@@ -49,16 +54,24 @@ def scaled_dot_product(
     return torch.matmul(attn, v)
 
 
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, N, H*D) -> (B, H, N, D)."""
-    b, n, c = x.shape
-    return x.reshape(b, n, heads, c // heads).transpose(1, 2)
+    return rearrange(x, "b n (h d) -> b h n d", h=num_heads)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, H, N, D) -> (B, N, H*D)."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
+    return rearrange(x, "b h n d -> b n (h d)")
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """A feature map (B, C, H, W) -> row-major tokens (B, H*W, C)."""
+    return rearrange(x, "b c h w -> b (h w) c")
+
+
+def to_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Row-major tokens (B, H*W, C) -> a feature map (B, C, H, W) of ``size`` (H, W)."""
+    return rearrange(x, "b (h w) c -> b c h w", h=size[0], w=size[1])
 
 
 def check_image_size(x: torch.Tensor, img_size: tuple[int, int]) -> None:
@@ -87,10 +100,10 @@ def layer_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=LN_EPS)
 
 
-def init_weights(module: nn.Module) -> None:
+def trunc_normal_init(module: nn.Module) -> None:
     """timm's ViT initialisation: truncated-normal (std 0.02) Linear weights, zero biases, unit LayerNorms.
 
-    Use as ``model.apply(init_weights)``.
+    Use as ``model.apply(trunc_normal_init)``.
     """
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=INIT_STD)
@@ -137,7 +150,8 @@ class LayerScale(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Transformer feed-forward: Linear, activation, dropout, Linear, dropout (the seed's ``FeedForward``).
+    """Transformer feed-forward: Linear, activation, dropout, Linear, dropout (timm's ``Mlp``,
+    ``timm/layers/mlp.py``).
 
     x: (..., in_features) -> (..., out_features).
     """
@@ -199,7 +213,8 @@ class MultiHeadAttentionBase(nn.Module):
 
 
 class Attention(MultiHeadAttentionBase):
-    """Multi-head self-attention (the seed's ``Attention``: ``to_qkv``, ``to_out``).
+    """Multi-head self-attention with lucidrains/vit-pytorch's names (``vit_pytorch/vit.py`` ``Attention``:
+    ``to_qkv``, ``to_out``).
 
     x: (B, N, dim) -> (B, N, dim). Runs on SDPA on every backend but ``eager``.
     """
@@ -227,11 +242,11 @@ class Attention(MultiHeadAttentionBase):
 
 
 class CrossAttention(MultiHeadAttentionBase):
-    """Multi-head attention of queries ``x`` over ``context`` (the seed's CrossViT ``Attention``: ``to_q``,
-    ``to_kv``, ``to_out``); CaiT's class attention and CrossViT's fusion use it.
+    """Multi-head attention of queries ``x`` over ``context`` (lucidrains/vit-pytorch ``vit_pytorch/cross_vit.py``
+    ``Attention``: ``to_q``, ``to_kv``, ``to_out``); CaiT's class attention and CrossViT's fusion use it.
 
     x: (B, Nq, dim), context: (B, Nk, dim) (None: x itself) -> (B, Nq, dim). With ``kv_include_self`` the keys and
-    values are ``cat(x, context)``, as the seed's cross attention lets the CLS token attend to itself. Runs on SDPA
+    values are ``cat(x, context)``, as that cross attention lets the class token attend to itself. Runs on SDPA
     on every backend but ``eager``.
     """
 
@@ -302,7 +317,7 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches to tokens by a strided convolution (equal to the seed's rearrange + Linear).
+    """Non-overlapping patches to tokens by a strided convolution (equal to vit-pytorch's rearrange + Linear).
 
     x: (B, in_chans, *img_size) -> (B, grid_h * grid_w, embed_dim); another image size raises ValueError.
     """
@@ -327,7 +342,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_size(x, self.img_size)
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return to_tokens(self.proj(x))
 
 
 def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
@@ -343,55 +358,165 @@ def block_stack(depth: int, drop_path_rate: float, dim: int, num_heads: int, **b
     )
 
 
-def make_head(dim: int, num_classes: int) -> nn.Module:
-    """The classifier: Linear(dim, num_classes), or Identity for ``num_classes`` 0 (features only)."""
+# --- the classifier interface and the ViT trunk ----------------------------------------------------------------
+
+
+def make_head(dim: int, num_classes: int, layer: Callable[[int, int], nn.Module] = nn.Linear) -> nn.Module:
+    """The classifier ``layer(dim, num_classes)`` (a Linear by default), or Identity for ``num_classes`` 0
+    (features only)."""
     if not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes: expected an int >= 0, got {num_classes!r}")
-    return nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+    return layer(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def _rename_legacy_head_keys(module: ClassifierModel, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: the keys of a classifier's former names (``module.legacy_head_names``) under their
+    present names. ``load_state_dict`` passes its own copy of the caller's state_dict."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        local = key[len(prefix):]
+        for old, new in module.legacy_head_names.items():
+            if local == old or local.startswith(old + "."):
+                state_dict[prefix + new + local[len(old):]] = state_dict.pop(key)
+                break
 
 
 class ClassifierModel(nn.Module):
-    """timm's classifier interface: ``forward`` is ``forward_head(forward_features(x))``, and the head is a
-    ``make_head`` Linear on ``num_features`` kept under the attribute ``head_name``.
+    """timm's classifier interface: ``forward`` is ``forward_head(forward_features(x))``, the classifier is
+    ``head`` and, in a ``distilled`` model, ``head_dist`` (timm's ``levit.py`` and ``deit.py`` names).
 
-    Subclasses set ``num_classes``, ``num_features`` and the head, define ``forward_features`` and, where those
-    features are not already (B, num_features), ``pool_features``.
+    Subclasses set ``num_features`` (and ``distilled``), call ``reset_classifier(num_classes)`` to build the heads,
+    define ``forward_features`` and, where its output is not already the heads' input, ``pool_features``: (B, F)
+    for ``head``, or in a distilled model one (B, F) tensor both heads read or a pair (head's, head_dist's).
+    ``new_head`` builds one head (a Linear on ``num_features`` by default). A distilled model returns both heads'
+    logits when ``distilled_training`` and in training mode, their mean otherwise. ``legacy_head_names`` maps
+    former classifier names to ``head`` / ``head_dist`` so that state_dicts saved under them still load.
     """
 
-    head_name = "head"
+    legacy_head_names: dict[str, str] = {}
+    distilled: bool = False
+    distilled_training: bool = False
     num_classes: int
     num_features: int
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` (0: no classifier, features out)."""
-        self.num_classes = num_classes
-        setattr(self, self.head_name, make_head(self.num_features, num_classes))
+    def __init__(self) -> None:
+        super().__init__()
+        if self.legacy_head_names:
+            self.register_load_state_dict_pre_hook(_rename_legacy_head_keys)
 
-    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward_features``' output -> (B, num_features)."""
+    def new_head(self, num_classes: int) -> nn.Module:
+        """One classifier for ``num_classes`` (0: Identity, features out)."""
+        return make_head(self.num_features, num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head(s) with fresh ones for ``num_classes`` (0: no classifier, features out)."""
+        self.num_classes = num_classes
+        self.head = self.new_head(num_classes)
+        self.head_dist = self.new_head(num_classes) if self.distilled else None
+
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``forward_features``' output -> the heads' input (see the class docstring)."""
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Features -> logits (B, num_classes), or the pooled (B, num_features) if ``pre_logits``."""
+    def forward_head(
+        self, x: torch.Tensor, pre_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Features -> logits (B, num_classes), or with ``pre_logits`` the pooled (B, F) features (in a distilled
+        model the mean of the two heads' inputs)."""
         x = self.pool_features(x)
-        return x if pre_logits else getattr(self, self.head_name)(x)
+        if not self.distilled:
+            return x if pre_logits else self.head(x)
+        x, x_dist = x if isinstance(x, tuple) else (x, x)
+        if pre_logits:
+            return (x + x_dist) / 2
+        out, out_dist = self.head(x), self.head_dist(x_dist)
+        if self.distilled_training and self.training:
+            return out, out_dist
+        return (out + out_dist) / 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images (B, C, H, W) -> logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
 
 
-class ClassTokenModel(ClassifierModel):
-    """A classifier whose head reads the class token (token 0) through ``mlp_head``; ``forward_features`` returns
-    (B, N, num_features) tokens."""
+class VisionTransformer(ClassifierModel):
+    """The ViT trunk of DeiT, CaiT, DeepViT and T2T-ViT (timm's ``VisionTransformer``, with lucidrains/vit-pytorch's
+    parameter names): ``to_patch_embedding`` (any module mapping images to (B, N, embed_dim) tokens with a
+    ``num_patches`` attribute), a class token ``cls_token`` and, when ``distilled``, a ``distillation_token`` after
+    it, a position embedding ``pos_embedding`` over those prefix tokens and the patches, ``dropout``, the blocks the
+    subclass sets as ``blocks``, the final ``norm`` and the heads on the class (and distillation) token.
 
-    head_name = "mlp_head"
+    ``pos_embed`` None learns the position embedding; a fixed (1, tokens, embed_dim) table is kept as a
+    non-persistent buffer instead (T2T-ViT). With ``late_class_token`` (CaiT) the position embedding covers the
+    patches only and :meth:`embed_tokens` leaves the class token out: the subclass adds it later. Subclasses call
+    :meth:`init_weights` last.
+    """
 
-    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, 0]
+    legacy_head_names = {"mlp_head": "head", "distill_mlp": "head_dist"}
+
+    def __init__(
+        self,
+        patch_embed: nn.Module,
+        embed_dim: int,
+        num_classes: int,
+        drop_rate: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] = layer_norm,
+        distilled: bool = False,
+        late_class_token: bool = False,
+        pos_embed: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = self.num_features = embed_dim
+        self.distilled = self.distilled_training = distilled
+        self.late_class_token = late_class_token
+        self.num_prefix_tokens = 2 if distilled else 1
+        self.to_patch_embedding = patch_embed
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.distillation_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+        num_tokens = patch_embed.num_patches + (0 if late_class_token else self.num_prefix_tokens)
+        if pos_embed is None:
+            self.pos_embedding = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
+        else:
+            if tuple(pos_embed.shape) != (1, num_tokens, embed_dim):
+                raise ValueError(
+                    f"pos_embed: expected shape {(1, num_tokens, embed_dim)}, got {tuple(pos_embed.shape)}"
+                )
+            self.register_buffer("pos_embedding", pos_embed, persistent=False)
+        self.dropout = nn.Dropout(drop_rate)
+        self.norm = norm_layer(embed_dim)
+        self.reset_classifier(num_classes)
+
+    def init_weights(self) -> None:
+        """Truncated-normal tokens and learned position embedding, then :func:`trunc_normal_init` everywhere."""
+        tokens = [self.cls_token] + ([self.distillation_token] if self.distilled else [])
+        if isinstance(self.pos_embedding, nn.Parameter):
+            tokens.insert(0, self.pos_embedding)
+        for param in tokens:
+            nn.init.trunc_normal_(param, std=INIT_STD)
+        self.apply(trunc_normal_init)
+
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, [prefix +] patches, embed_dim) tokens with the position embedding, after
+        dropout."""
+        x = self.to_patch_embedding(x)
+        if not self.late_class_token:
+            prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
+            if self.distilled:
+                prefix.append(self.distillation_token.expand(x.shape[0], -1, -1))
+            x = torch.cat((*prefix, x), dim=1)
+        return self.dropout(x + self.pos_embedding)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, prefix + patches, embed_dim) normalised tokens."""
+        return self.norm(self.blocks(self.embed_tokens(x)))
+
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Tokens -> the class token (B, embed_dim), with the distillation token in a distilled model."""
+        return (x[:, 0], x[:, 1]) if self.distilled else x[:, 0]
 
 
-# --- depthwise convolution with BatchNorm (ConvMixer, CvT, CoAtNet) ---------------------------------------------
+# --- depthwise convolution with BatchNorm (ConvMixer, CvT, PiT, CoAtNet) -----------------------------------------
+
+ACT_LAYERS: dict[str, Callable[[], nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 def bn_uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
@@ -414,27 +539,92 @@ def fold_batchnorm(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def depthwise_act_bn(
-    x: torch.Tensor,
-    conv: nn.Conv2d,
-    bn: nn.BatchNorm2d,
-    activation: str | None = None,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``bn(act(conv(x))) (+ residual)`` for a depthwise ``conv`` on :func:`vitkern.ops.depthwise_conv2d`.
+class DepthwiseConvBN(nn.Module):
+    """Depthwise convolution, optional activation and optional BatchNorm, ``(+ residual)``, on the fused op.
 
-    When ``bn`` normalises with its running statistics (eval mode) this is one op call, the BatchNorm folded into
-    the epilogue's scale and shift and the residual added in the same pass; otherwise the conv and activation are
-    fused and BatchNorm (batch statistics) and the residual follow. Parameters are cast to x's dtype (autocast).
-    x: (B, C, H, W) -> (B, C, H', W').
+    ``conv`` is an ``nn.Conv2d(in_channels, in_channels * multiplier, groups=in_channels)``; ``activation``
+    ("gelu", "relu" or None) comes before the BatchNorm (ConvMixer) or, with ``act_after_norm``, after it
+    (CoAtNet's MBConv). The children are named ``names`` = (conv, activation, BatchNorm), so that each family
+    keeps its state_dict keys.
+
+    On the ``eager`` backend it runs those plain modules. On the others it calls
+    :func:`vitkern.ops.depthwise_conv2d` (a channel multiplier m as the input's channels each repeated m times):
+    with an inference-mode BatchNorm in one call, the BatchNorm folded into the epilogue's scale and shift (or, when
+    the activation follows it, into the weights and bias) and the residual added in the same pass; with batch
+    statistics the conv and activation are fused and the BatchNorm and residual follow. Parameters are cast to x's
+    dtype (autocast). x: (B, C, H, W) -> (B, C * multiplier, H', W').
     """
-    weight = conv.weight.to(x.dtype)
-    bias = None if conv.bias is None else conv.bias.to(x.dtype)
-    if bn_uses_batch_stats(bn):
-        y = bn(depthwise_conv2d(x, weight, bias, conv.stride, conv.padding, activation=activation))
+
+    def __init__(
+        self,
+        in_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = "same",
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        activation: str | None = None,
+        norm: bool = True,
+        act_after_norm: bool = False,
+        multiplier: int = 1,
+        names: tuple[str, str, str] = ("conv", "act", "bn"),
+    ) -> None:
+        super().__init__()
+        if activation is not None and activation not in ACT_LAYERS:
+            raise ValueError(f"activation: expected one of {(*ACT_LAYERS, None)}, got {activation!r}")
+        self.activation = activation
+        self.act_after_norm = act_after_norm
+        self.multiplier = multiplier
+        self.conv_name, self.act_name, self.norm_name = names
+        out_channels = in_channels * multiplier
+        self.add_module(
+            self.conv_name,
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups=in_channels,
+                      bias=bias),
+        )
+        layers = []
+        if activation is not None:
+            layers.append((self.act_name, ACT_LAYERS[activation]()))
+        if norm:
+            layers.append((self.norm_name, nn.BatchNorm2d(out_channels)))
+        if act_after_norm:
+            layers.reverse()
+        for name, layer in layers:
+            self.add_module(name, layer)
+        self.layer_names = (self.conv_name, *(name for name, _ in layers))
+        self.has_norm = norm
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain modules in order, without the residual."""
+        for name in self.layer_names:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if current_backend() == "eager":
+            y = self.plain(x)
+            return y if residual is None else y + residual
+        conv = getattr(self, self.conv_name)
+        if self.multiplier > 1:
+            x = x.repeat_interleave(self.multiplier, dim=1)
+        weight = conv.weight.to(x.dtype)
+        bias = None if conv.bias is None else conv.bias.to(x.dtype)
+        args = (conv.stride, conv.padding, conv.dilation)
+        bn = getattr(self, self.norm_name) if self.has_norm else None
+        if bn is not None and not bn_uses_batch_stats(bn):
+            scale, shift = fold_batchnorm(bn)
+            if not self.act_after_norm:
+                return depthwise_conv2d(
+                    x, weight, bias, *args, activation=self.activation, scale=scale.to(x.dtype),
+                    shift=shift.to(x.dtype), residual=residual,
+                )
+            weight = (conv.weight * scale.view(-1, 1, 1, 1)).to(x.dtype)
+            bias = (shift if conv.bias is None else conv.bias * scale + shift).to(x.dtype)
+            return depthwise_conv2d(x, weight, bias, *args, activation=self.activation, residual=residual)
+        if bn is None or not self.act_after_norm:
+            y = depthwise_conv2d(x, weight, bias, *args, activation=self.activation)
+            y = y if bn is None else bn(y)
+        else:
+            y = bn(depthwise_conv2d(x, weight, bias, *args))
+            y = y if self.activation is None else getattr(self, self.act_name)(y)
         return y if residual is None else y + residual
-    scale, shift = fold_batchnorm(bn)
-    return depthwise_conv2d(
-        x, weight, bias, conv.stride, conv.padding, activation=activation, scale=scale.to(x.dtype),
-        shift=shift.to(x.dtype), residual=residual,
-    )

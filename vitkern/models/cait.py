@@ -10,11 +10,12 @@ H x H projection before the softmax and the weights again after it, so this atte
 ``F.scaled_dot_product_attention`` and is plain PyTorch on every backend. Class attention is plain softmax
 attention of one query and uses SDPA off the ``eager`` backend.
 
-Departures from the seed (vit-pytorch's ``CaiT``), following the paper: talking-heads attention (the seed has plain
-attention); LayerScale's initial value depends on the network's total depth (0.1 up to 18 blocks, 1e-5 up to 24,
-1e-6 beyond; the seed applies that rule to each block's index instead); class-attention blocks update only the
-class token (the seed's ``context`` form, kept here as ``CrossAttention(..., kv_include_self=True)``); qkv biases
-and LayerNorm eps 1e-6 as in the paper's code; the head reads the class token after a final LayerNorm.
+Departures from lucidrains/vit-pytorch (``vit_pytorch/cait.py``), following the paper and its code
+(facebookresearch/deit ``cait_models.py``): talking-heads attention (vit-pytorch has plain attention); LayerScale's
+initial value depends on the network's total depth (0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 beyond; vit-pytorch
+applies that rule to each block's index instead); class-attention blocks update only the class token
+(vit-pytorch's ``context`` form, kept here as ``CrossAttention(..., kv_include_self=True)``); qkv biases and
+LayerNorm eps 1e-6 as in the paper's code; the head reads the class token after a final LayerNorm.
 """
 
 from __future__ import annotations
@@ -22,22 +23,20 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
-from vitkern.models import register_model
 from vitkern.models._layers import (
-    INIT_STD,
     Attention,
-    ClassTokenModel,
     CrossAttention,
     DropPath,
     LayerScale,
     Mlp,
     PatchEmbed,
+    VisionTransformer,
     block_stack,
-    init_weights,
     layer_norm,
-    make_head,
 )
+from vitkern.models._registry import _create, register_model
 
 
 def layer_scale_init(depth: int) -> float:
@@ -58,11 +57,16 @@ class TalkingHeadAttention(Attention):
         self.proj_l = nn.Linear(num_heads, num_heads)
         self.proj_w = nn.Linear(num_heads, num_heads)
 
+    @staticmethod
+    def mix_heads(proj: nn.Linear, attn: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, N) maps -> ``proj`` applied across the head axis at every (i, j), (B, H, N, N)."""
+        return rearrange(proj(rearrange(attn, "b h i j -> b i j h")), "b i j h -> b h i j")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
         attn = torch.matmul(q * self.scale, k.transpose(-1, -2))
-        attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(dim=-1)
-        attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        attn = self.mix_heads(self.proj_l, attn).softmax(dim=-1)
+        attn = self.mix_heads(self.proj_w, attn)
         attn = F.dropout(attn, self.attn_drop, self.training)
         return self.project(torch.matmul(attn, v))
 
@@ -98,7 +102,7 @@ class ClassAttentionBlock(nn.Module):
         return cls + self.drop_path2(self.ls2(self.mlp(self.norm2(cls))))
 
 
-class CaiT(ClassTokenModel):
+class CaiT(VisionTransformer):
     """Class-attention image transformer. Input (B, in_chans, img_size, img_size) -> logits (B, num_classes)."""
 
     def __init__(
@@ -118,14 +122,11 @@ class CaiT(ClassTokenModel):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            PatchEmbed(img_size, patch_size, in_chans, embed_dim), embed_dim, num_classes, drop_rate,
+            late_class_token=True,
+        )
         init_values = layer_scale_init(depth) if init_values is None else init_values
-        self.num_classes = num_classes
-        self.embed_dim = self.num_features = embed_dim
-        self.to_patch_embedding = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.pos_embedding = nn.Parameter(torch.zeros(1, self.to_patch_embedding.num_patches, embed_dim))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.dropout = nn.Dropout(drop_rate)
         self.patch_transformer = block_stack(
             depth,
             drop_path_rate,
@@ -143,39 +144,30 @@ class CaiT(ClassTokenModel):
             ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, init_values=init_values)
             for _ in range(depth_token_only)
         )
-        self.norm = layer_norm(embed_dim)
-        self.mlp_head = make_head(embed_dim, num_classes)
-        nn.init.trunc_normal_(self.pos_embedding, std=INIT_STD)
-        nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
-        self.apply(init_weights)
+        self.init_weights()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, 1 + patches, embed_dim) normalised tokens, the class token first."""
-        x = self.dropout(self.to_patch_embedding(x) + self.pos_embedding)
-        x = self.patch_transformer(x)
+        x = self.patch_transformer(self.embed_tokens(x))
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         for block in self.cls_transformer:
             cls = block(cls, x)
         return self.norm(torch.cat((cls, x), dim=1))
 
 
-
 @register_model
-def cait_xxs24_224(num_classes: int = 1000, **kwargs) -> CaiT:
+def cait_xxs24_224(**kwargs) -> CaiT:
     """CaiT-XXS-24: 192 wide, 24 + 2 blocks of 4 heads (12.0M parameters in the paper)."""
-    config = dict(patch_size=16, embed_dim=192, depth=24, num_heads=4)
-    return CaiT(num_classes=num_classes, **{**config, **kwargs})
+    return _create(CaiT, dict(patch_size=16, embed_dim=192, depth=24, num_heads=4), kwargs)
 
 
 @register_model
-def cait_xxs36_224(num_classes: int = 1000, **kwargs) -> CaiT:
+def cait_xxs36_224(**kwargs) -> CaiT:
     """CaiT-XXS-36: 192 wide, 36 + 2 blocks of 4 heads (17.3M parameters in the paper)."""
-    config = dict(patch_size=16, embed_dim=192, depth=36, num_heads=4)
-    return CaiT(num_classes=num_classes, **{**config, **kwargs})
+    return _create(CaiT, dict(patch_size=16, embed_dim=192, depth=36, num_heads=4), kwargs)
 
 
 @register_model
-def cait_s24_224(num_classes: int = 1000, **kwargs) -> CaiT:
+def cait_s24_224(**kwargs) -> CaiT:
     """CaiT-S-24: 384 wide, 24 + 2 blocks of 8 heads (46.9M parameters in the paper)."""
-    config = dict(patch_size=16, embed_dim=384, depth=24, num_heads=8)
-    return CaiT(num_classes=num_classes, **{**config, **kwargs})
+    return _create(CaiT, dict(patch_size=16, embed_dim=384, depth=24, num_heads=8), kwargs)

@@ -9,31 +9,36 @@ projected back. The logits are the mean of the two branches' heads. Parameter co
 As in the paper's code, the large branch sees the image resized to ``img_size * 224 / 240`` (bicubic): at 240 the
 branches have 20x20 patches of 12 and 14x14 patches of 16.
 
-Departures from the seed (vit-pytorch's ``CrossViT``), following the paper: the class-token projections ``f`` and
-``g`` are LayerNorm, GELU, Linear (the seed's ``ProjectInOut`` is a bare Linear); the fused class token replaces
-the branch's class token (the seed adds it as a residual); the logits are the mean of the two heads (the seed sums
-them); qkv biases and LayerNorm eps 1e-6 as in the paper's code.
+Departures from lucidrains/vit-pytorch (``vit_pytorch/cross_vit.py``), following the paper and its code
+(IBM/CrossViT ``models/crossvit.py``): the class-token projections ``f`` and ``g`` are LayerNorm, GELU, Linear
+(vit-pytorch's ``ProjectInOut`` is a bare Linear); the fused class token replaces the branch's class token
+(vit-pytorch adds it as a residual); the logits are the mean of the two heads (vit-pytorch sums them); qkv biases
+and LayerNorm eps 1e-6 as in the paper's code. The heads are ``head`` (state_dicts saved with their former name
+``mlp_head`` still load).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitkern.models import register_model
 from vitkern.models._layers import (
     INIT_STD,
     Block,
+    ClassifierModel,
     CrossAttention,
     DropPath,
     PatchEmbed,
     check_image_size,
     drop_path_rates,
-    init_weights,
     layer_norm,
     make_head,
+    trunc_normal_init,
 )
+from vitkern.models._registry import _create, register_model
 
 NUM_BRANCHES = 2
 PAPER_IMG_SCALE = (1.0, 224 / 240)
@@ -116,8 +121,25 @@ class MultiScaleBlock(nn.Module):
         return outs
 
 
-class CrossViT(nn.Module):
-    """Two-branch cross-attention ViT. Input (B, in_chans, img_size, img_size) -> logits (B, num_classes)."""
+class BranchHeads(nn.ModuleList):
+    """One Linear head per branch on the concatenated class tokens (B, sum(dims)) -> the mean of the branches'
+    logits (B, num_classes)."""
+
+    def __init__(self, in_features: int, num_classes: int, dims: tuple[int, ...]) -> None:
+        if sum(dims) != in_features:
+            raise ValueError(f"dims: expected branch widths summing to {in_features}, got {dims}")
+        super().__init__(nn.Linear(dim, num_classes) for dim in dims)
+        self.dims = tuple(dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(t) for head, t in zip(self, x.split(self.dims, dim=-1))]).mean(dim=0)
+
+
+class CrossViT(ClassifierModel):
+    """Two-branch cross-attention ViT. Input (B, in_chans, img_size, img_size) -> logits (B, num_classes), the mean
+    of the branch heads (``head``, a :class:`BranchHeads`)."""
+
+    legacy_head_names = {"mlp_head": "head"}
 
     def __init__(
         self,
@@ -166,15 +188,14 @@ class CrossViT(nn.Module):
             )
             start += stage_depth
         self.norm = nn.ModuleList(layer_norm(dim) for dim in embed_dim)
-        self.mlp_head = nn.ModuleList(make_head(dim, num_classes) for dim in embed_dim)
+        self.reset_classifier(num_classes)
         for param in (*self.pos_embedding, *self.cls_token):
             nn.init.trunc_normal_(param, std=INIT_STD)
-        self.apply(init_weights)
+        self.apply(trunc_normal_init)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace both heads with fresh ones for ``num_classes`` classes (0: no heads, features out)."""
-        self.num_classes = num_classes
-        self.mlp_head = nn.ModuleList(make_head(dim, num_classes) for dim in self.embed_dim)
+    def new_head(self, num_classes: int) -> nn.Module:
+        """A Linear head per branch, their logits averaged (0 classes: the concatenated class tokens)."""
+        return make_head(self.num_features, num_classes, partial(BranchHeads, dims=self.embed_dim))
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, C, H, W) images -> per branch (B, 1 + N_b, dim_b) normalised tokens, the class token first."""
@@ -192,40 +213,32 @@ class CrossViT(nn.Module):
             xs = stage(xs)
         return [norm(t) for norm, t in zip(self.norm, xs)]
 
-    def forward_head(self, xs: list[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
-        """Branch tokens -> logits (B, num_classes), the mean of the branch heads; with ``pre_logits`` (or no
-        heads, ``num_classes`` 0) the concatenated class tokens (B, sum(embed_dim))."""
-        if pre_logits or self.num_classes == 0:
-            return torch.cat([t[:, 0] for t in xs], dim=-1)
-        return torch.stack([head(t[:, 0]) for head, t in zip(self.mlp_head, xs)]).mean(dim=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def pool_features(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """Branch tokens -> the concatenated class tokens (B, sum(embed_dim))."""
+        return torch.cat([t[:, 0] for t in xs], dim=-1)
 
 
-def _crossvit(
-    num_classes: int, embed_dim: tuple[int, int], branch_depth: int, num_heads: int, kwargs: dict
-) -> CrossViT:
+def _crossvit(embed_dim: tuple[int, int], branch_depth: int, num_heads: int, overrides: dict) -> CrossViT:
     config = dict(
         img_size=240, patch_size=(12, 16), embed_dim=embed_dim, depth=((1, branch_depth, 0),) * 3,
         num_heads=(num_heads, num_heads), mlp_ratio=(3.0, 3.0, 1.0), qkv_bias=True,
     )
-    return CrossViT(num_classes=num_classes, **{**config, **kwargs})
+    return _create(CrossViT, config, overrides)
 
 
 @register_model
-def crossvit_9_240(num_classes: int = 1000, **kwargs) -> CrossViT:
+def crossvit_9_240(**kwargs) -> CrossViT:
     """CrossViT-9: branches 128 and 256 wide, 3 stages of (1, 3) blocks, 4 heads (8.6M parameters in the paper)."""
-    return _crossvit(num_classes, (128, 256), 3, 4, kwargs)
+    return _crossvit((128, 256), 3, 4, kwargs)
 
 
 @register_model
-def crossvit_15_240(num_classes: int = 1000, **kwargs) -> CrossViT:
+def crossvit_15_240(**kwargs) -> CrossViT:
     """CrossViT-15: branches 192 and 384 wide, 3 stages of (1, 5) blocks, 6 heads (27.5M parameters in the paper)."""
-    return _crossvit(num_classes, (192, 384), 5, 6, kwargs)
+    return _crossvit((192, 384), 5, 6, kwargs)
 
 
 @register_model
-def crossvit_18_240(num_classes: int = 1000, **kwargs) -> CrossViT:
+def crossvit_18_240(**kwargs) -> CrossViT:
     """CrossViT-18: branches 224 and 448 wide, 3 stages of (1, 6) blocks, 7 heads (43.3M parameters in the paper)."""
-    return _crossvit(num_classes, (224, 448), 6, 7, kwargs)
+    return _crossvit((224, 448), 6, 7, kwargs)

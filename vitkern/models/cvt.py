@@ -11,11 +11,12 @@ Backends: on ``eager`` every layer is the plain PyTorch module and attention is 
 backends the depthwise convolutions run :func:`vitkern.ops.depthwise_conv2d` (in eval mode with the BatchNorm folded
 into the epilogue's scale and shift) and attention runs SDPA.
 
-Departures from the seed (``shared/seeds/deepvit_..._cvt_article.txt``), following the paper and its official code
-(microsoft/CvT): separate depthwise convolution + BatchNorm projections for q, k and v followed by Linear layers
-with biases (the seed shares one depthwise convolution between k and v and uses 1x1 convolutions without bias);
-a class token in the last stage classified through LayerNorm (the seed average-pools); the 7x7 stride-4 first
-embedding pads by 2. The attention scale is head_dim ** -0.5 as in the seed (the official code uses dim ** -0.5).
+Departures from lucidrains/vit-pytorch (``vit_pytorch/cvt.py``), following the paper and its official code
+(microsoft/CvT ``lib/models/cls_cvt.py``): separate depthwise convolution + BatchNorm projections for q, k and v
+followed by Linear layers with biases (vit-pytorch shares one depthwise convolution between k and v and uses 1x1
+convolutions without bias); a class token in the last stage classified through LayerNorm (vit-pytorch
+average-pools); the 7x7 stride-4 first embedding pads by 2. The attention scale is head_dim ** -0.5 as in
+vit-pytorch (the official code uses dim ** -0.5).
 """
 
 from __future__ import annotations
@@ -23,51 +24,36 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from vitkern._backend import current_backend
-from vitkern.models import register_model
 from vitkern.models._layers import (
     ClassifierModel,
+    DepthwiseConvBN,
     Mlp,
-    depthwise_act_bn,
-    init_weights,
-    make_head,
     merge_heads,
     scaled_dot_product,
     split_heads,
+    to_map,
+    to_tokens,
+    trunc_normal_init,
 )
+from vitkern.models._registry import _create, register_model
 
 PROJ_KERNEL = 3
 CLS_STD = 0.02
 
 
-class ConvProjection(nn.Module):
-    """Depthwise conv (k x k, stride s, no bias) + BatchNorm on (B, C, H, W) -> (B, C, H', W'), flattened to
-    tokens (B, H' * W', C)."""
-
-    def __init__(self, dim: int, kernel_size: int, stride: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(dim, dim, kernel_size, stride, kernel_size // 2, groups=dim, bias=False)
-        self.bn = nn.BatchNorm2d(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if current_backend() == "eager":
-            y = self.bn(self.conv(x))
-        else:
-            y = depthwise_act_bn(x, self.conv, self.bn)
-        return y.flatten(2).transpose(1, 2)
-
-
-class ConvAttention(nn.Module):
+class CvTAttention(nn.Module):
     """Multi-head attention with convolutional projections: tokens (B, [1 +] H*W, dim) of an H x W map (after an
-    optional class token) -> (B, [1 +] H*W, dim)."""
+    optional class token) -> (B, [1 +] H*W, dim). Each projection ``conv_proj_*`` is a depthwise conv (k x k,
+    stride 1 for q, ``kv_stride`` for k and v, no bias) + BatchNorm (:class:`DepthwiseConvBN`), flattened to
+    tokens."""
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int = PROJ_KERNEL, kv_stride: int = 2) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.conv_proj_q = ConvProjection(dim, kernel_size, 1)
-        self.conv_proj_k = ConvProjection(dim, kernel_size, kv_stride)
-        self.conv_proj_v = ConvProjection(dim, kernel_size, kv_stride)
+        self.conv_proj_q = DepthwiseConvBN(dim, kernel_size, 1, kernel_size // 2, bias=False)
+        self.conv_proj_k = DepthwiseConvBN(dim, kernel_size, kv_stride, kernel_size // 2, bias=False)
+        self.conv_proj_v = DepthwiseConvBN(dim, kernel_size, kv_stride, kernel_size // 2, bias=False)
         self.proj_q = nn.Linear(dim, dim)
         self.proj_k = nn.Linear(dim, dim)
         self.proj_v = nn.Linear(dim, dim)
@@ -75,8 +61,8 @@ class ConvAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int], has_cls: bool) -> torch.Tensor:
         cls_token, tokens = (x[:, :1], x[:, 1:]) if has_cls else (None, x)
-        fmap = tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], *size)
-        q, k, v = self.conv_proj_q(fmap), self.conv_proj_k(fmap), self.conv_proj_v(fmap)
+        fmap = to_map(tokens, size)
+        q, k, v = (to_tokens(proj(fmap)) for proj in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v))
         if cls_token is not None:
             q, k, v = (torch.cat((cls_token, t), dim=1) for t in (q, k, v))
         q = split_heads(self.proj_q(q), self.num_heads)
@@ -91,7 +77,7 @@ class CvTBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = ConvAttention(dim, num_heads)
+        self.attn = CvTAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -100,7 +86,7 @@ class CvTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class ConvEmbed(nn.Module):
+class CvTEmbed(nn.Module):
     """Convolutional token embedding: (B, C_in, H, W) -> conv -> (B, dim, H', W') with LayerNorm over channels."""
 
     def __init__(self, in_chans: int, dim: int, kernel_size: int, stride: int, padding: int) -> None:
@@ -110,8 +96,7 @@ class ConvEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
-        b, c, h, w = x.shape
-        return self.norm(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
+        return to_map(self.norm(to_tokens(x)), x.shape[-2:])
 
 
 class CvTStage(nn.Module):
@@ -130,38 +115,38 @@ class CvTStage(nn.Module):
         cls_token: bool,
     ) -> None:
         super().__init__()
-        self.patch_embed = ConvEmbed(in_chans, dim, embed_kernel, embed_stride, embed_padding)
+        self.patch_embed = CvTEmbed(in_chans, dim, embed_kernel, embed_stride, embed_padding)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.blocks = nn.ModuleList([CvTBlock(dim, num_heads, mlp_ratio) for _ in range(depth)])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.patch_embed(x)
-        b, c, h, w = x.shape
-        tokens = x.flatten(2).transpose(1, 2)
+        size = x.shape[-2:]
+        tokens = to_tokens(x)
         has_cls = self.cls_token is not None
         if has_cls:
-            tokens = torch.cat((self.cls_token.expand(b, -1, -1), tokens), dim=1)
+            tokens = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), tokens), dim=1)
         for block in self.blocks:
-            tokens = block(tokens, (h, w), has_cls)
+            tokens = block(tokens, size, has_cls)
         cls_token = tokens[:, :1] if has_cls else None
         fmap = tokens[:, 1:] if has_cls else tokens
-        return fmap.transpose(1, 2).reshape(b, c, h, w), cls_token
+        return to_map(fmap, size), cls_token
 
 
 class CvT(ClassifierModel):
     """CvT: (B, in_chans, H, W) -> (B, num_classes); any input size the embeddings can stride over works.
 
     Args:
-        dims, depths, heads: per stage (CvT-13: (64, 192, 384), (1, 2, 10), (1, 3, 6)).
+        embed_dim, depth, num_heads: per stage (CvT-13: (64, 192, 384), (1, 2, 10), (1, 3, 6)).
         embed_kernels, embed_strides, embed_paddings: each stage's token-embedding convolution.
         img_size: accepted for ``create_model``; CvT has no position embedding, so it is not enforced.
     """
 
     def __init__(
         self,
-        dims: tuple[int, ...] = (64, 192, 384),
-        depths: tuple[int, ...] = (1, 2, 10),
-        heads: tuple[int, ...] = (1, 3, 6),
+        embed_dim: tuple[int, ...] = (64, 192, 384),
+        depth: tuple[int, ...] = (1, 2, 10),
+        num_heads: tuple[int, ...] = (1, 3, 6),
         embed_kernels: tuple[int, ...] = (7, 3, 3),
         embed_strides: tuple[int, ...] = (4, 2, 2),
         embed_paddings: tuple[int, ...] = (2, 1, 1),
@@ -171,27 +156,26 @@ class CvT(ClassifierModel):
         img_size: int = 224,
     ) -> None:
         super().__init__()
-        per_stage = (dims, depths, heads, embed_kernels, embed_strides, embed_paddings)
+        per_stage = (embed_dim, depth, num_heads, embed_kernels, embed_strides, embed_paddings)
         if len({len(t) for t in per_stage}) != 1:
             raise ValueError(
-                "dims, depths, heads, embed_kernels, embed_strides, embed_paddings: expected one entry per stage "
-                f"each, got lengths {[len(t) for t in per_stage]}"
+                "embed_dim, depth, num_heads, embed_kernels, embed_strides, embed_paddings: expected one entry per "
+                f"stage each, got lengths {[len(t) for t in per_stage]}"
             )
-        self.num_classes = num_classes
-        self.num_features = dims[-1]
+        self.num_features = embed_dim[-1]
         self.img_size = img_size
         stages = []
-        for i, (dim, depth, num_heads, kernel, stride, padding) in enumerate(zip(*per_stage)):
+        for i, (dim, stage_depth, heads, kernel, stride, padding) in enumerate(zip(*per_stage)):
             stages.append(
                 CvTStage(
-                    dims[i - 1] if i > 0 else in_chans, dim, depth, num_heads, kernel, stride, padding, mlp_ratio,
-                    cls_token=i == len(dims) - 1,
+                    embed_dim[i - 1] if i > 0 else in_chans, dim, stage_depth, heads, kernel, stride, padding,
+                    mlp_ratio, cls_token=i == len(embed_dim) - 1,
                 )
             )
         self.stages = nn.ModuleList(stages)
-        self.norm = nn.LayerNorm(dims[-1])
-        self.head = make_head(dims[-1], num_classes)
-        self.apply(init_weights)
+        self.norm = nn.LayerNorm(embed_dim[-1])
+        self.reset_classifier(num_classes)
+        self.apply(trunc_normal_init)
         nn.init.trunc_normal_(self.stages[-1].cls_token, std=CLS_STD)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,12 +187,12 @@ class CvT(ClassifierModel):
 
 
 @register_model
-def cvt_13(num_classes: int = 1000, **kwargs) -> CvT:
+def cvt_13(**kwargs) -> CvT:
     """CvT-13 (20 M parameters)."""
-    return CvT(dims=(64, 192, 384), depths=(1, 2, 10), heads=(1, 3, 6), num_classes=num_classes, **kwargs)
+    return _create(CvT, dict(embed_dim=(64, 192, 384), depth=(1, 2, 10), num_heads=(1, 3, 6)), kwargs)
 
 
 @register_model
-def cvt_21(num_classes: int = 1000, **kwargs) -> CvT:
+def cvt_21(**kwargs) -> CvT:
     """CvT-21 (32 M parameters)."""
-    return CvT(dims=(64, 192, 384), depths=(1, 4, 16), heads=(1, 3, 6), num_classes=num_classes, **kwargs)
+    return _create(CvT, dict(embed_dim=(64, 192, 384), depth=(1, 4, 16), num_heads=(1, 3, 6)), kwargs)

@@ -13,11 +13,12 @@ parameters (6.2G MACs, 82.3% top-1) and DeepViT-L 55M (12.5G, 83.1%), figures th
 repeat; ``deepvit_s`` here has 27.3M. The official DeepViT-L configuration has 58.9M, 7% above the paper's 55M:
 this module reproduces the official configuration and does not alter it to hit the printed number.
 
-Departures from the seed (vit-pytorch's ``ReAttention``), following the paper's code: the head-mixing Norm is a
-BatchNorm over the head channel (the seed uses LayerNorm over heads), the mixed map is multiplied by the attention
-scale when ``transform_scale`` (DeepViT-S), and the mixing matrix ``reattn_weights`` has no bias (the official
-1x1 convolution's bias is cancelled by the BatchNorm's mean subtraction); ``reattn_weights`` starts from the
-seed's standard normal draw.
+Departures from lucidrains/vit-pytorch (``vit_pytorch/deepvit.py``, ``ReAttention``), following the paper's code
+(zhoudaquan/dvit_repo ``models/deep_vision_transformer.py``): the head-mixing Norm is a BatchNorm over the head
+channel (vit-pytorch uses LayerNorm over heads), the mixed map is multiplied by the attention scale when
+``transform_scale`` (DeepViT-S), and the mixing matrix ``reattn_weights`` has no bias (the official 1x1
+convolution's bias is cancelled by the BatchNorm's mean subtraction); ``reattn_weights`` starts from vit-pytorch's
+standard normal draw.
 """
 
 from __future__ import annotations
@@ -26,20 +27,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitkern.models import register_model
 from vitkern.models._layers import (
-    INIT_STD,
     Attention,
     Block,
-    ClassTokenModel,
     PatchEmbed,
+    VisionTransformer,
     check_image_size,
     drop_path_rates,
-    init_weights,
     layer_norm,
-    make_head,
     to_pair,
+    to_tokens,
 )
+from vitkern.models._registry import _create, register_model
 
 STEM_CHANNELS = 64
 
@@ -51,17 +50,8 @@ class ReAttention(Attention):
     product with v, which SDPA cannot express).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        qkv_bias: bool = False,
-        qk_scale: float | None = None,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        transform_scale: bool = False,
-    ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop)
+    def __init__(self, dim: int, num_heads: int = 8, transform_scale: bool = False, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
         self.reattn_weights = nn.Parameter(torch.randn(num_heads, num_heads))
         self.reattn_norm = nn.BatchNorm2d(num_heads)
         self.reattn_scale = self.scale if transform_scale else 1.0
@@ -89,7 +79,7 @@ class DeepViTBlock(Block):
         return x + self.drop_path2(self.mlp(self.norm2(x * a)) / a)
 
 
-class ConvStem(nn.Module):
+class DeepViTStem(nn.Module):
     """DeepViT's convolutional patch embedding: 7x7/2 conv, BN, ReLU, 3x3 conv, BN, ReLU, then a
     (patch/2)-strided projection. x: (B, in_chans, *img_size) -> (B, (H / patch) * (W / patch), embed_dim)."""
 
@@ -112,10 +102,10 @@ class ConvStem(nn.Module):
         check_image_size(x, self.img_size)
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return to_tokens(self.proj(x))
 
 
-class DeepViT(ClassTokenModel):
+class DeepViT(VisionTransformer):
     """ViT with re-attention in the blocks listed by ``re_attention`` (one bool per block).
 
     Input (B, in_chans, img_size, img_size) -> logits (B, num_classes).
@@ -140,18 +130,11 @@ class DeepViT(ClassTokenModel):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
     ) -> None:
-        super().__init__()
         re_attention = (True,) * depth if re_attention is None else tuple(re_attention)
         if len(re_attention) != depth:
             raise ValueError(f"re_attention: expected one flag per block ({depth}), got {len(re_attention)}")
-        self.num_classes = num_classes
-        self.embed_dim = self.num_features = embed_dim
-        embed = ConvStem if use_cnn_embed else PatchEmbed
-        self.to_patch_embedding = embed(img_size, patch_size, in_chans, embed_dim)
-        num_patches = self.to_patch_embedding.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embedding = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.dropout = nn.Dropout(drop_rate)
+        embed = DeepViTStem if use_cnn_embed else PatchEmbed
+        super().__init__(embed(img_size, patch_size, in_chans, embed_dim), embed_dim, num_classes, drop_rate)
 
         def reattention(dim: int, **kwargs) -> ReAttention:
             return ReAttention(dim, transform_scale=transform_scale, **kwargs)
@@ -173,36 +156,25 @@ class DeepViT(ClassTokenModel):
                 for rate, mixed in zip(drop_path_rates(drop_path_rate, depth), re_attention)
             )
         )
-        self.norm = layer_norm(embed_dim)
-        self.mlp_head = make_head(embed_dim, num_classes)
-        nn.init.trunc_normal_(self.pos_embedding, std=INIT_STD)
-        nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
-        self.apply(init_weights)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) images -> (B, 1 + patches, embed_dim) normalised tokens."""
-        x = self.to_patch_embedding(x)
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embedding
-        return self.norm(self.blocks(self.dropout(x)))
-
+        self.init_weights()
 
 
 @register_model
-def deepvit_s(num_classes: int = 1000, **kwargs) -> DeepViT:
+def deepvit_s(**kwargs) -> DeepViT:
     """DeepViT-S: 396 wide, 16 blocks, re-attention in the last 5 (27M parameters in the paper)."""
     config = dict(
         patch_size=16, embed_dim=396, depth=16, num_heads=12, mlp_ratio=3.0, re_attention=(False,) * 11 + (True,) * 5,
         transform_scale=True, scale_adjustment=0.5, use_cnn_embed=True,
     )
-    return DeepViT(num_classes=num_classes, **{**config, **kwargs})
+    return _create(DeepViT, config, kwargs)
 
 
 @register_model
-def deepvit_l(num_classes: int = 1000, **kwargs) -> DeepViT:
+def deepvit_l(**kwargs) -> DeepViT:
     """DeepViT-L: 420 wide, 32 blocks, re-attention in the last 12 (55M parameters in the paper; this official
     configuration has 58.9M, see the module docstring)."""
     config = dict(
         patch_size=16, embed_dim=420, depth=32, num_heads=12, mlp_ratio=3.0, re_attention=(False,) * 20 + (True,) * 12,
         transform_scale=False, scale_adjustment=0.5, use_cnn_embed=True,
     )
-    return DeepViT(num_classes=num_classes, **{**config, **kwargs})
+    return _create(DeepViT, config, kwargs)

@@ -6,8 +6,9 @@ re-structures them and shrinks their width to ``token_dim`` (64). A ViT backbone
 sinusoidal position table follows. Parameter counts of the named configurations (T2T-ViT paper and the official
 github.com/yitu-opensource/T2T-ViT README): T2T-ViT-7 4.3M, -10 5.9M, -12 6.9M, -14 21.5M, -19 39.2M, -24 64.1M.
 
-Departures from the seed (vit-pytorch's ``T2TViT``), following the paper: the token transformers narrow the
-concatenated tokens to ``token_dim`` (the seed keeps their full width, 3 * 7^2 * 3^2 * 3^2 = 11907 for the
+Departures from lucidrains/vit-pytorch (``vit_pytorch/t2t.py``, ``T2TViT``), following the paper and its code
+(yitu-opensource/T2T-ViT ``models/t2t_vit.py``): the token transformers narrow the
+concatenated tokens to ``token_dim`` (vit-pytorch keeps their full width, 3 * 7^2 * 3^2 * 3^2 = 11907 for the
 default split, far from the paper's model); the attention output is added to the values (the input is wider than the
 output, so the residual goes through v); the position embedding is the paper's fixed sinusoid table (a buffer, not
 a parameter); qkv projections have no bias. The token mixers here are the paper's transformer layers (the
@@ -21,27 +22,25 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from vitkern.models import register_model
 from vitkern.models._layers import (
-    INIT_STD,
-    ClassTokenModel,
     Mlp,
+    VisionTransformer,
     block_stack,
     check_image_size,
-    init_weights,
-    make_head,
     scaled_dot_product,
+    to_map,
     to_pair,
 )
+from vitkern.models._registry import _create, register_model
 
 TOKEN_DIM = 64
 T2T_LAYERS = ((7, 4), (3, 2), (3, 2))
 SINUSOID_BASE = 10000.0
 
 
-def conv_output_size(image_size: int, kernel_size: int, stride: int, padding: int) -> int:
-    """Side of the token grid after an unfold (the seed's helper)."""
-    return (image_size - kernel_size + 2 * padding) // stride + 1
+def conv_output_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
+    """Side of the token grid after an unfold (vit-pytorch's ``conv_output_size``)."""
+    return (size - kernel_size + 2 * padding) // stride + 1
 
 
 def sinusoid_table(n_position: int, dim: int) -> torch.Tensor:
@@ -124,13 +123,11 @@ class TokensToToken(nn.Module):
         check_image_size(x, self.img_size)
         x = self.soft_splits[0](x).transpose(1, 2)
         for split, transformer, grid in zip(self.soft_splits[1:], self.transformers, self.grid_sizes):
-            x = transformer(x)
-            x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid, grid)
-            x = split(x).transpose(1, 2)
+            x = split(to_map(transformer(x), (grid, grid))).transpose(1, 2)
         return self.project(x)
 
 
-class T2TViT(ClassTokenModel):
+class T2TViT(VisionTransformer):
     """Tokens-to-Token ViT. Input (B, in_chans, img_size, img_size) -> logits (B, num_classes)."""
 
     def __init__(
@@ -149,68 +146,53 @@ class T2TViT(ClassTokenModel):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.embed_dim = self.num_features = embed_dim
-        self.to_patch_embedding = TokensToToken(img_size, in_chans, embed_dim, token_dim, t2t_layers)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.register_buffer(
-            "pos_embedding", sinusoid_table(self.to_patch_embedding.num_patches + 1, embed_dim), persistent=False
+        patch_embed = TokensToToken(img_size, in_chans, embed_dim, token_dim, t2t_layers)
+        super().__init__(
+            patch_embed, embed_dim, num_classes, drop_rate, norm_layer=nn.LayerNorm,
+            pos_embed=sinusoid_table(patch_embed.num_patches + 1, embed_dim),
         )
-        self.dropout = nn.Dropout(drop_rate)
         self.blocks = block_stack(
             depth, drop_path_rate, embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
             attn_drop=attn_drop_rate,
         )
-        self.norm = nn.LayerNorm(embed_dim)
-        self.mlp_head = make_head(embed_dim, num_classes)
-        nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
-        self.apply(init_weights)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) images -> (B, 1 + patches, embed_dim) normalised tokens."""
-        x = self.to_patch_embedding(x)
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embedding
-        return self.norm(self.blocks(self.dropout(x)))
+        self.init_weights()
 
 
-
-def _t2t(num_classes: int, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, kwargs: dict) -> T2TViT:
-    config = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
-    return T2TViT(num_classes=num_classes, **{**config, **kwargs})
+def _t2t(embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, overrides: dict) -> T2TViT:
+    return _create(T2TViT, dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio), overrides)
 
 
 @register_model
-def t2t_vit_7(num_classes: int = 1000, **kwargs) -> T2TViT:
+def t2t_vit_7(**kwargs) -> T2TViT:
     """T2T-ViT-7: 256 wide, 7 blocks of 4 heads, MLP ratio 2 (4.3M parameters in the paper)."""
-    return _t2t(num_classes, 256, 7, 4, 2.0, kwargs)
+    return _t2t(256, 7, 4, 2.0, kwargs)
 
 
 @register_model
-def t2t_vit_10(num_classes: int = 1000, **kwargs) -> T2TViT:
+def t2t_vit_10(**kwargs) -> T2TViT:
     """T2T-ViT-10: 256 wide, 10 blocks of 4 heads, MLP ratio 2 (5.9M parameters in the paper)."""
-    return _t2t(num_classes, 256, 10, 4, 2.0, kwargs)
+    return _t2t(256, 10, 4, 2.0, kwargs)
 
 
 @register_model
-def t2t_vit_12(num_classes: int = 1000, **kwargs) -> T2TViT:
+def t2t_vit_12(**kwargs) -> T2TViT:
     """T2T-ViT-12: 256 wide, 12 blocks of 4 heads, MLP ratio 2 (6.9M parameters in the paper)."""
-    return _t2t(num_classes, 256, 12, 4, 2.0, kwargs)
+    return _t2t(256, 12, 4, 2.0, kwargs)
 
 
 @register_model
-def t2t_vit_14(num_classes: int = 1000, **kwargs) -> T2TViT:
+def t2t_vit_14(**kwargs) -> T2TViT:
     """T2T-ViT-14: 384 wide, 14 blocks of 6 heads, MLP ratio 3 (21.5M parameters in the paper)."""
-    return _t2t(num_classes, 384, 14, 6, 3.0, kwargs)
+    return _t2t(384, 14, 6, 3.0, kwargs)
 
 
 @register_model
-def t2t_vit_19(num_classes: int = 1000, **kwargs) -> T2TViT:
+def t2t_vit_19(**kwargs) -> T2TViT:
     """T2T-ViT-19: 448 wide, 19 blocks of 7 heads, MLP ratio 3 (39.2M parameters in the paper)."""
-    return _t2t(num_classes, 448, 19, 7, 3.0, kwargs)
+    return _t2t(448, 19, 7, 3.0, kwargs)
 
 
 @register_model
-def t2t_vit_24(num_classes: int = 1000, **kwargs) -> T2TViT:
+def t2t_vit_24(**kwargs) -> T2TViT:
     """T2T-ViT-24: 512 wide, 24 blocks of 8 heads, MLP ratio 3 (64.1M parameters in the paper)."""
-    return _t2t(num_classes, 512, 24, 8, 3.0, kwargs)
+    return _t2t(512, 24, 8, 3.0, kwargs)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from vitkern import cpu, custom_ops, reference
-from vitkern.dispatch import Call, Implementation, Registry
+from vitkern.dispatch import Call, Implementation, Registry, interpreter_has_no_bf16
 from vitkern.kernels.contract import (
     BIAS_DENSE,
     BIAS_LEVIT,
@@ -32,12 +32,6 @@ from vitkern.kernels.contract import (
     levit_query_side,
 )
 from vitkern.ops._checks import check_like, check_scale, check_tensor, pair
-
-
-def _interpreter_bf16(call: Call) -> str | None:
-    if call.device.type == "cpu" and call.dtype == torch.bfloat16:
-        return "the Triton interpreter has no bfloat16 (CPU tensors run under it)"
-    return None
 
 
 def _triton_head_dims(call: Call) -> str | None:
@@ -55,7 +49,7 @@ REGISTRY = Registry(
     (
         Implementation("eager", ("cpu", "cuda")),
         Implementation("cpu", ("cpu",)),
-        Implementation("triton", ("cpu", "cuda"), limits=(_interpreter_bf16, _triton_head_dims)),
+        Implementation("triton", ("cpu", "cuda"), limits=(interpreter_has_no_bf16, _triton_head_dims)),
         Implementation("cuda", ("cuda",), limits=(_no_cuda_kernel,)),
         Implementation("cuda-emulated", ("cpu",), limits=(_no_cuda_kernel,)),
     ),

@@ -17,16 +17,10 @@ from __future__ import annotations
 import torch
 
 from vitkern import cpu, custom_ops, reference
-from vitkern.dispatch import Call, Implementation, Registry
+from vitkern.dispatch import Call, Implementation, Registry, interpreter_has_no_bf16
 from vitkern.kernels.contract import MAX_KERNEL, output_size
 from vitkern.ops._checks import check_like, check_shape, check_tensor, pair
 from vitkern.reference.depthwise_conv import ACTIVATIONS, resolve_padding
-
-
-def _interpreter_bf16(call: Call) -> str | None:
-    if call.device.type == "cpu" and call.dtype == torch.bfloat16:
-        return "the Triton interpreter has no bfloat16 (CPU tensors run under it)"
-    return None
 
 
 REGISTRY = Registry(
@@ -36,7 +30,7 @@ REGISTRY = Registry(
         Implementation("cpu", ("cpu",)),
         Implementation("cuda", ("cuda",)),
         Implementation("cuda-emulated", ("cpu",)),
-        Implementation("triton", ("cpu", "cuda"), limits=(_interpreter_bf16,)),
+        Implementation("triton", ("cpu", "cuda"), limits=(interpreter_has_no_bf16,)),
     ),
     auto_order=("cpu", "cuda", "triton", "eager"),
 )
