@@ -43,15 +43,13 @@ RTOL = ATOL = 1e-4
 
 MODELS = {
     "coatnet": (
-        lambda: CoAtNet(
-            image_size=32, num_blocks=(1, 1, 1, 1, 1), channels=(8, 16, 32, 32, 32), num_classes=NUM_CLASSES
-        ),
+        lambda: CoAtNet(img_size=32, depth=(1, 1, 1, 1, 1), embed_dim=(8, 16, 32, 32, 32), num_classes=NUM_CLASSES),
         32,
     ),
     "levit": (
         lambda: LeViT(
-            img_size=64, dims=(16, 32), depths=(1, 1), heads=(2, 2), dim_key=8, num_classes=NUM_CLASSES,
-            distillation=False,
+            img_size=64, embed_dim=(16, 32), depth=(1, 1), num_heads=(2, 2), key_dim=8, num_classes=NUM_CLASSES,
+            distilled=False,
         ),
         64,
     ),
