@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 import vitkern  # noqa: E402
 from vitkern.testing import require_build  # noqa: E402
@@ -42,3 +43,14 @@ def _backend_builds(request):
         module, how = _BUILD_NEEDED[backend]
         built = vitkern.available_backends()["cuda" if DEVICE.type == "cuda" else "cuda-emulated"]
         require_build(built, f"backend 'cuda' needs {module}, which is not built here: {how}")
+
+
+# hypothesis profiles for tests/test_fuzz.py: "ci" (the default) draws a fixed, bounded set of examples so that a run
+# is reproducible and short; `pytest --hypothesis-profile=long` draws many more, from a fresh seed each run.
+settings.register_profile(
+    "ci", max_examples=30, derandomize=True, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("ci")

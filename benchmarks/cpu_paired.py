@@ -4,8 +4,9 @@ pytest-benchmark times one implementation after another, so on a shared machine 
 runs of the same computation can differ by tens of percent. This script runs every implementation of a case once per
 round, in turn, and keeps each one's fastest round, so drift hits all of them alike. Cases and inputs are those of
 ``test_depthwise_conv.py`` and ``test_attention.py`` (CPU shapes); the 4096-token attention case is left out (seconds
-per call). Prints one line per case: the baselines' and the CPU path's best times and the ratio to the best baseline
-(below 1: the CPU path is faster).
+per call). The model cases are ``test_models.py``'s models at its CPU batch: inference of the same model on
+``eager`` and on ``auto``. Prints one line per case: the baselines' and the CPU path's best times and the ratio to
+the best baseline (below 1: the CPU path is faster).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import test_attention as attention_bench  # noqa: E402
 import test_depthwise_conv as conv_bench  # noqa: E402
+import test_models as models_bench  # noqa: E402
+
+import vitkern  # noqa: E402
+from vitkern.models import create_model  # noqa: E402
 
 
 def report(case: str, best: dict[str, float], mine: str) -> None:
@@ -55,17 +60,38 @@ def attention_cases(rounds: int) -> None:
             report(f"{case.name} {'fwd_bwd' if backward else 'fwd'}", _tuning.best_times(runs, rounds), "vitkern")
 
 
+def model_cases(rounds: int, names: list[str]) -> None:
+    """Inference of each model on ``eager`` and on ``auto``, the same weights and input, rounds alternating."""
+    for name in names:
+        model = create_model(name, num_classes=models_bench.NUM_CLASSES).eval()
+        x = torch.randn(models_bench.BATCH, 3, models_bench.IMG, models_bench.IMG)
+
+        def run(backend: str):
+            @torch.no_grad()
+            def step() -> None:
+                with vitkern.backend(backend):
+                    model(x)
+
+            return step
+
+        runs = {backend: run(backend) for backend in models_bench.BACKENDS}
+        report(f"{name} inference batch {models_bench.BATCH}", _tuning.best_times(runs, max(3, rounds // 4)), "auto")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--only", choices=["depthwise", "attention"])
+    parser.add_argument("--only", choices=["depthwise", "attention", "models"])
+    parser.add_argument("--model", action="append", help=f"a model for the model cases (default {models_bench.MODELS})")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.rounds} alternating rounds")
-    if args.only != "attention":
+    if args.only in (None, "depthwise"):
         depthwise_cases(args.rounds)
-    if args.only != "depthwise":
+    if args.only in (None, "attention"):
         attention_cases(args.rounds)
+    if args.only in (None, "models"):
+        model_cases(args.rounds, args.model or list(models_bench.MODELS))
 
 
 if __name__ == "__main__":

@@ -361,3 +361,35 @@ def test_cuda_extension_kernels_have_no_local_memory():
     assert rows, f"no kernels found in {path}"
     failing = [f"{row.name} sm_{row.arch}: {'; '.join(row.problems())}" for row in rows if not row.ok]
     assert not failing, "\n".join(failing)
+
+
+def test_summary_has_one_line_per_kernel_family():
+    """The summary folds every config and arch of a kernel into one line: configs, most registers, lowest
+    register-limited occupancy, spill bytes, most shared memory, and how many rows fail."""
+    row = kernel_report.KernelResources
+    rows = [
+        row("triton", "m", "fwd", "a", 80, registers=64, spill_stores=0, spill_loads=0, shared=1000),
+        row("triton", "m", "fwd", "a", 90, registers=128, spill_stores=0, spill_loads=0, shared=3000),
+        row("triton", "m", "fwd", "b", 80, registers=32, spill_stores=0, spill_loads=0, shared=2000),
+        row("cuda", "_C.so", "dw_kernel", "", 90, registers=255, spill_stores=8, spill_loads=4, shared=500),
+    ]
+    lines = kernel_report.format_summary(rows).splitlines()
+    assert len(lines) == 3  # the header and two families
+    fwd = lines[1].split()
+    assert fwd[:7] == ["triton", "fwd", "2", "128", "25%", "0", "3000"]  # 65536 / (128 * 32) = 16 of 64 warps
+    assert fwd[7] == "ok"
+    cuda = lines[2].split()
+    assert cuda[:7] == ["cuda", "dw_kernel", "1", "255", "12%", "12", "500"]  # 65536 // (255 * 32) = 8 warps
+    assert " ".join(cuda[7:]) == "1 failing"
+
+
+def test_progress_reports_to_stderr(capsys, monkeypatch):
+    clock = iter([0.0, 1.0, 10.0, 11.0])
+    monkeypatch.setattr(kernel_report.time, "monotonic", lambda: next(clock))
+    progress = kernel_report.Progress()
+    row = kernel_report.KernelResources("triton", "m", "fwd", "a", 80)
+    progress(1, 3, row)  # 1 s after the start: quiet
+    progress(2, 3, row)  # 10 s: printed
+    progress(3, 3, row)  # the last: printed
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split()[2] for line in err] == ["2/3", "3/3"]

@@ -19,14 +19,19 @@ MAX_CACHED_INDEX = 1 << 20
 
 
 def rel_pos_attention(q, k, v, table, window, scale):
-    """:func:`vitkern.ops.rel_pos_attention` on checked arguments; window is (Wh, Ww)."""
+    """:func:`vitkern.ops.rel_pos_attention` on checked arguments; window is (Wh, Ww). A table that may hold -inf
+    takes the reference, which gives zeros for fully masked rows as the kernels do."""
+    if _may_mask_rows(table):
+        return reference.rel_pos_attention(q, k, v, table, window, scale)
     tokens = window[0] * window[1]
     bias = table.t().index_select(1, _rel_pos_flat_index(window, q.device)).view(-1, tokens, tokens)
     return attention(q, k, v, bias, scale)
 
 
 def levit_attention(q, k, v, biases, resolution, stride, scale):
-    """:func:`vitkern.ops.levit_attention` on checked arguments."""
+    """:func:`vitkern.ops.levit_attention` on checked arguments; biases that may hold -inf take the reference."""
+    if _may_mask_rows(biases):
+        return reference.levit_attention(q, k, v, biases, resolution, stride, scale)
     queries, keys = levit_query_side(resolution, stride) ** 2, resolution * resolution
     bias = biases.index_select(1, _levit_flat_index(resolution, stride, q.device)).view(-1, queries, keys)
     return attention(q, k, v, bias, scale)

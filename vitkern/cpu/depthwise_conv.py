@@ -90,7 +90,8 @@ class _CPUConv:
         """The measured choice's key, or None where the problem keeps the default (see vitkern._tuning)."""
         batch, channels = self.x.shape[:2]
         kh, kw = self.weight.shape[2:]
-        if not _tuning.worth_tuning(batch * channels * self.out_size[0] * self.out_size[1] * kh * kw, backward):
+        macs = batch * channels * self.out_size[0] * self.out_size[1] * kh * kw
+        if not _tuning.worth_tuning(macs, backward, self.x.dtype):
             return None
         return (
             "depthwise_conv2d", direction, tuple(self.x.shape), (kh, kw), self.stride, self.padding, self.dilation,

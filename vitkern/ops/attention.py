@@ -94,6 +94,10 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"v: expected (batch, heads, tokens) = {tuple(k.shape[:3])} as k, got {tuple(v.shape[:3])}")
     if k.shape[3] != q.shape[3]:
         raise ValueError(f"k: expected head_dim {q.shape[3]} as q, got {k.shape[3]}")
+    if q.shape[3] < 1:
+        raise ValueError(f"q: expected head_dim >= 1, got shape {tuple(q.shape)}")
+    if v.shape[3] < 1:
+        raise ValueError(f"v: expected value_dim >= 1, got shape {tuple(v.shape)}")
 
 
 def _check_bias_table(name: str, t: torch.Tensor, q: torch.Tensor, expected: tuple[int, int]) -> None:
@@ -210,6 +214,9 @@ def biased_attention(
     if bias is not None:
         check_tensor("bias", bias)
         check_like("bias", bias, "q", q)
+        if bias.dim() == 0:
+            raise ValueError("bias: expected 1 to 4 dims broadcastable to (B, heads, Nq, Nk), got a 0-D tensor "
+                             "(a constant bias does not change the softmax: pass None)")
         full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         if bias.dim() > 4 or any(
             size not in (1, want) for size, want in zip(reversed(bias.shape), reversed(full))

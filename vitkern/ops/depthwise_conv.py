@@ -41,6 +41,8 @@ def _check_args(x, weight, bias, stride, padding, dilation, activation, scale, s
     check_tensor("weight", weight, ndim=4)
     check_like("weight", weight, "x", x)
     batch, channels, height, width = x.shape
+    if channels < 1:
+        raise ValueError(f"x: expected at least 1 channel, got shape {tuple(x.shape)}")
     weight_channels, weight_groups, kh, kw = weight.shape
     if weight_channels != channels or weight_groups != 1:
         raise ValueError(

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -286,16 +286,31 @@ def _compile_task(task: tuple[str, int, int]) -> KernelResources:
 
 
 def triton_report(
-    modules: Iterable[str], archs: Sequence[int], name_filter: str | None = None, jobs: int = 1
+    modules: Iterable[str],
+    archs: Sequence[int],
+    name_filter: str | None = None,
+    jobs: int = 1,
+    progress: Callable[[int, int, KernelResources], None] | None = None,
 ) -> tuple[list[KernelResources], list[str]]:
-    """Compile every selected spec for every arch (in ``jobs`` processes); rows in module, spec, arch order."""
+    """Compile every selected spec for every arch (in ``jobs`` processes); rows in module, spec, arch order.
+    ``progress(done, total, row)`` is called after each row."""
     selected, failures = load_specs(modules, name_filter)
     tasks = [(module, index, arch) for module, index, _ in selected for arch in archs]
+    rows: list[KernelResources] = []
+
+    def collect(results: Iterable[KernelResources]) -> None:
+        for row in results:
+            rows.append(row)
+            if progress is not None:
+                progress(len(rows), len(tasks), row)
+
     if jobs <= 1 or len(tasks) <= 1:
-        return [_compile_task(task) for task in tasks], failures
+        collect(map(_compile_task, tasks))
+        return rows, failures
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context) as pool:
-        return list(pool.map(_compile_task, tasks)), failures
+        collect(pool.map(_compile_task, tasks))
+    return rows, failures
 
 
 # --- cuobjdump and the CUDA C++ extension -------------------------------------------------------------------------
@@ -410,6 +425,62 @@ def format_table(rows: Sequence[KernelResources]) -> str:
     )
 
 
+# Per SM on sm_80 and sm_90: 64K 32-bit registers and at most 64 resident warps.
+REGISTERS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+PROGRESS_EVERY_S = 5.0
+
+
+def register_occupancy(registers: int | None) -> float | None:
+    """The fraction of an SM's warp slots that the register file allows at ``registers`` per thread (other limits,
+    shared memory and block size, can only lower it)."""
+    if not registers:
+        return None
+    return min(MAX_WARPS_PER_SM, REGISTERS_PER_SM // (registers * WARP_SIZE)) / MAX_WARPS_PER_SM
+
+
+_SUMMARY_COLUMNS = ("kind", "kernel", "configs", "max regs", "min occupancy", "spill B", "max smem B", "status")
+
+
+def format_summary(rows: Sequence[KernelResources]) -> str:
+    """One line per kernel family (kind and kernel name, every config and arch together): how many configs, the
+    most registers, the lowest register-limited occupancy, the spill bytes, the most shared memory, failures."""
+    families: dict[tuple[str, str], list[KernelResources]] = {}
+    for row in rows:
+        families.setdefault((row.kind, row.name), []).append(row)
+    table = [_SUMMARY_COLUMNS]
+    for (kind, name), members in families.items():
+        registers = [row.registers for row in members if row.registers is not None]
+        occupancies = [occ for occ in map(register_occupancy, registers) if occ is not None]
+        spills = sum((row.spill_stores or 0) + (row.spill_loads or 0) for row in members)
+        failing = sum(not row.ok for row in members)
+        table.append((
+            kind, name, str(len({row.config for row in members})), str(max(registers)) if registers else "-",
+            f"{min(occupancies):.0%}" if occupancies else "-", str(spills), str(max(row.shared for row in members)),
+            f"{failing} failing" if failing else "ok",
+        ))
+    widths = [max(len(line[column]) for line in table) for column in range(len(_SUMMARY_COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table)
+
+
+class Progress:
+    """Prints ``compiled done/total`` to stderr at most every PROGRESS_EVERY_S seconds, and at the end."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int, row: KernelResources) -> None:
+        now = time.monotonic()
+        if done == total or now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            print(
+                f"kernel_report: compiled {done}/{total} Triton kernel configs ({now - self.start:.0f} s; last "
+                f"{row.name} sm_{row.arch})",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 def _archs(text: str) -> tuple[int, ...]:
     try:
         archs = tuple(int(part) for part in text.split(","))
@@ -441,6 +512,7 @@ def _parser() -> argparse.ArgumentParser:
         "--module", action="append", help=f"a Triton kernel module to report (repeatable; default {KERNEL_MODULES})"
     )
     parser.add_argument("--no-cuda", action="store_true", help="leave out the CUDA C++ extension")
+    parser.add_argument("--summary", action="store_true", help="print the per-family summary only, not every config")
     return parser
 
 
@@ -456,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     modules = tuple(args.module) if args.module else KERNEL_MODULES
-    rows, failures = triton_report(modules, args.arch, args.filter, args.jobs)
+    rows, failures = triton_report(modules, args.arch, args.filter, args.jobs, progress=Progress())
     extension = None if args.no_cuda else extension_path()
     if extension is not None:
         try:
@@ -467,12 +539,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         failures += cuda_failures
     if not rows:
         failures.append(f"no kernel matches --filter {args.filter!r}" if args.filter else "no kernel to report")
-    print(format_table(rows))
-    print()
     failing = [row for row in rows if not row.ok]
     print(f"{len(rows)} rows (kernel config x arch), {len(failing)} failing, {len(failures)} other failures")
     for failure in failures:
         print(f"FAILED: {failure}")
+    print()
+    print(format_summary(rows))
+    print()
+    if args.summary:
+        print("per-config table: left out (--summary); run without it, or with --json, for every config")
+    else:
+        print(format_table(rows))
     if args.no_cuda:
         print("CUDA C++ kernels: left out (--no-cuda)")
     elif extension is None:
