@@ -356,8 +356,9 @@ __device__ void gather_table_grad(const Params<scalar_t>& p, const float* sds, i
 // dk: (B, H, Nk, D), dv: (B, H, Nk, Dv) in the storage dtype;
 // table_partial: (chunks, key tiles, H, entries) fp32 zeroed, modes 1 and 2 with the table gradient asked for, else
 // null; dense_grad: (chunks, H, Nq, Nk) fp32 zeroed, mode 3 with the bias gradient asked for, else null.
+// At least one block per SM: without the second bound ptxas caps the backward at 80-96 registers and spills on sm_90.
 template <typename scalar_t, int kDLanes>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     attention_bwd_kernel(Params<scalar_t> p, int64_t batch_per_chunk, const scalar_t* q, const scalar_t* k,
                          const scalar_t* v, const scalar_t* out, const scalar_t* dout, const float* lse,
                          float* dq_partial, scalar_t* dk, scalar_t* dv_out, float* table_partial, float* dense_grad) {

@@ -260,7 +260,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise
   // Gradients not asked for are distinct empty tensors (outputs of a custom op must not alias each other).
   auto none = [&] { return at::empty({0}, weight.options()); };
   auto sum = [&](bool wanted, int64_t index) {
-    return wanted ? sums_acc.select(1, index).contiguous().to(weight.scalar_type()) : none();
+    // copy=true: a fresh contiguous tensor per gradient, even where the select is already one (a single channel).
+    return wanted ? sums_acc.select(1, index).to(weight.scalar_type(), /*non_blocking=*/false, /*copy=*/true,
+                                                 at::MemoryFormat::Contiguous)
+                  : none();
   };
   at::Tensor dweight = want_dweight ? dweight_acc.view({g.c, 1, g.kh, g.kw}).to(weight.scalar_type()) : none();
   return {dx, dweight, sum(want_dbias, 0), sum(want_dscale, 1), sum(want_dshift, 2)};

@@ -554,12 +554,6 @@ def test_half_precision_convolution_on_cpu_is_not_measured(monkeypatch):
     assert len(vitkern._tuning.choices()) == 1, "the fp32 call of that size was not measured: the test proves nothing"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="csrc/depthwise_conv.cu: with one channel, sum() returns dscale and dshift as views of one (1, 3) "
-    "accumulator (.contiguous() of a one-element select is the view itself), so the custom op's outputs alias; "
-    "the fix is a fresh tensor per gradient (.clone() in place of .contiguous())",
-)
 def test_one_channel_scale_and_shift_gradients_on_the_emulated_cuda_backend():
     """Found by test_depthwise_conv2d_cuda_emulated: x (1, 1, 1, 1), a 1x1 kernel, scale and shift."""
     require_build(AVAILABLE["cuda-emulated"], "needs the emulation build vitkern._emulation: VITKERN_BUILD_EMULATION=1")
