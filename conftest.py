@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import vitkern  # noqa: E402
+from vitkern.testing import require_build  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -20,3 +21,24 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# What a test parametrized with ``backend`` needs built, on this machine's device.
+_BUILD_NEEDED = {
+    "cuda": (
+        "vitkern._C" if DEVICE.type == "cuda" else "vitkern._emulation",
+        "reinstall with VITKERN_BUILD_EMULATION=1 (README)" if DEVICE.type == "cpu" else "build with a CUDA toolkit",
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def _backend_builds(request):
+    """A test on backend "cuda" needs the extension that runs it; without it the test is skipped with the reason
+    (a failure under CI: see vitkern.testing.require_build)."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec is not None else None
+    if backend in _BUILD_NEEDED:
+        module, how = _BUILD_NEEDED[backend]
+        built = vitkern.available_backends()["cuda" if DEVICE.type == "cuda" else "cuda-emulated"]
+        require_build(built, f"backend 'cuda' needs {module}, which is not built here: {how}")

@@ -42,14 +42,12 @@ import triton
 import triton.language as tl
 
 from vitkern.kernels._specs import REPORT_DTYPES, TRITON_DTYPES, KernelSpec
-
-BIAS_NONE, BIAS_REL_POS, BIAS_LEVIT, BIAS_DENSE = 0, 1, 2, 3
-BIAS_MODES = (BIAS_NONE, BIAS_REL_POS, BIAS_LEVIT, BIAS_DENSE)
+from vitkern.kernels.contract import BIAS_DENSE, BIAS_LEVIT, BIAS_MODES, BIAS_REL_POS, MAX_HEAD_DIM
 LOG2E = tl.constexpr(1.4426950408889634)
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
 SHORT_TOKENS = 16  # up to this many tokens a 16 x 16 tile holds the whole sequence
 LONG_TILE = 64
-MAX_HEAD_BLOCK = 128
+MAX_HEAD_BLOCK = MAX_HEAD_DIM
 HEAD_COLUMNS_PER_WARP = 32
 BWD_HEAD_COLUMNS_PER_WARP = 16
 WIDE_TILE_MAX_HEAD = 32  # the forward's 64 x 64 tiles up to this head block

@@ -1,6 +1,6 @@
 """Triton kernels of :func:`vitkern.ops.depthwise_conv2d` and their launchers.
 
-The launchers implement the kernel contract in :mod:`vitkern.ops.depthwise_conv`::
+The launchers implement the kernel contract in :mod:`vitkern.kernels.contract`::
 
     depthwise_conv2d_fwd(x, weight, bias, scale, shift, residual, stride, padding, dilation, activation, save_z)
         -> (y, z)
@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from vitkern.kernels._specs import REPORT_DTYPES, TRITON_DTYPES, KernelSpec
-from vitkern.ops.depthwise_conv import ACTIVATION_CODES, memory_format, output_size
+from vitkern.kernels.contract import ACTIVATION_CODES, memory_format, output_size
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)

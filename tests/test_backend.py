@@ -9,6 +9,9 @@ import torch
 
 import vitkern
 from vitkern import _backend
+from vitkern.dispatch import Call, Implementation, Registry
+from vitkern.ops import depthwise_conv as depthwise
+from vitkern.testing import require_build
 
 
 def test_default_is_auto_and_context_nests():
@@ -56,26 +59,68 @@ def test_available_backends_reports_every_family():
     assert available["cuda-emulated"] == (_backend.emulation_module() is not None)
 
 
-def test_resolution_on_cpu_tensors():
+def test_selection_on_cpu_tensors():
     cpu = torch.device("cpu")
-    assert _backend.resolve("op", cpu, requested="auto") == "cpu"
-    assert _backend.resolve("op", cpu, requested="eager") == "eager"
+    call = Call(cpu, torch.float32)
+    assert depthwise.REGISTRY.select(call, "auto").name == "cpu"
+    assert depthwise.REGISTRY.select(call, "eager").name == "eager"
 
 
 def test_missing_backend_raises_instead_of_falling_back(monkeypatch):
-    cpu = torch.device("cpu")
+    call = Call(torch.device("cpu"), torch.float32)
     monkeypatch.setattr(_backend, "emulation_module", lambda: None)
     with pytest.raises(RuntimeError, match="VITKERN_BUILD_EMULATION"):
-        _backend.resolve("depthwise_conv2d", cpu, requested="cuda")
+        depthwise.REGISTRY.select(call, "cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        _backend.resolve("depthwise_conv2d", cpu, requested="triton")
+        depthwise.REGISTRY.select(call, "triton")
 
 
 def test_attention_has_no_cuda_cpp_kernel():
     q = torch.randn(1, 2, 4, 8)
     table = torch.randn(9, 2)
-    if _backend.emulation_module() is None and not torch.cuda.is_available():
-        pytest.fail("the emulation build is part of the test set-up (VITKERN_BUILD_EMULATION=1)")
+    require_build(
+        _backend.emulation_module() is not None or torch.cuda.is_available(),
+        "the emulation build is not built: reinstall with VITKERN_BUILD_EMULATION=1",
+    )
     with vitkern.backend("cuda"), pytest.raises(RuntimeError, match="no CUDA C\\+\\+ attention kernel"):
         vitkern.ops.rel_pos_attention(q, q, q, table, (2, 2))
+
+
+def test_error_lists_every_reason_and_the_backends_that_can(monkeypatch):
+    """An explicit backend that cannot run a call names the op, each implementation's reasons, and the others."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 2, 4, 200, dtype=torch.bfloat16)
+    with vitkern.backend("triton"), pytest.raises(RuntimeError) as info:
+        vitkern.ops.biased_attention(q, q, q)
+    message = str(info.value)
+    assert message.startswith("biased_attention: backend 'triton' cannot run this call")
+    for reason in ("TRITON_INTERPRET=1", "no bfloat16", "head dims up to 128, got 200"):
+        assert reason in message
+    assert message.endswith("Backends that can: auto, eager")
+
+
+def test_registry_walks_the_auto_order_and_skips_what_cannot_run():
+    always = Implementation("eager", ("cpu", "cuda"))
+    refuses = Implementation("cpu", ("cpu",), limits=(lambda call: "never" if call.tokens > 4 else None,))
+    registry = Registry("toy", (always, refuses), auto_order=("cpu", "eager"))
+    assert registry.select(Call(torch.device("cpu"), torch.float32, {"tokens": 4}), "auto") is refuses
+    assert registry.select(Call(torch.device("cpu"), torch.float32, {"tokens": 5}), "auto") is always
+    with pytest.raises(RuntimeError, match="toy: backend 'triton' cannot run this call \\(no triton implementation"):
+        registry.select(Call(torch.device("cpu"), torch.float32, {"tokens": 5}), "triton")
+    half = Call(torch.device("cpu"), torch.float64, {"tokens": 1})
+    assert "takes dtypes" in registry.get("cpu").not_supported_reasons(half)[0]
+
+
+def test_extension_that_does_not_load_says_why(monkeypatch, tmp_path):
+    """A build left by another torch: the error says it was built but does not load, with the import error and the
+    torch it was built for."""
+    error = ImportError("undefined symbol: _ZNR5torch7Library4_def")
+    monkeypatch.setattr(_backend, "_load", lambda module: error)
+    info = tmp_path / "_build_info.json"
+    info.write_text('{"torch": "2.11.0+cu130", "cuda": "13.0", "extensions": ["vitkern._emulation"]}')
+    monkeypatch.setattr(_backend, "BUILD_INFO", info)
+    reason = _backend.emulation_unavailable_reason()
+    assert "built but does not load (built for torch 2.11.0+cu130)" in reason
+    assert "undefined symbol" in reason and torch.__version__ in reason
+    assert not vitkern.available_backends()["cuda-emulated"]

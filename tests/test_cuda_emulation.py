@@ -22,7 +22,7 @@ import torch
 import vitkern
 from vitkern import reference
 from vitkern._backend import emulation_module
-from vitkern.testing import assert_close
+from vitkern.testing import assert_close, require_build
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -84,8 +84,7 @@ def test_kernels_under_address_sanitizer(tmp_path):
 
 @pytest.fixture(scope="module")
 def emu():
-    module = emulation_module()
-    assert module is not None, "vitkern._emulation is not built: build with VITKERN_BUILD_EMULATION=1 (README)"
+    require_build(emulation_module() is not None, "vitkern._emulation is not built: build with VITKERN_BUILD_EMULATION=1 (README)")
     return torch.ops.vitkern_emu
 
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import vitkern
 from vitkern import _tuning
-from vitkern._backend import resolve
+from vitkern.dispatch import Call
+from vitkern.ops.depthwise_conv import REGISTRY
 from vitkern.ops.depthwise_conv import depthwise_conv2d
 from vitkern.testing import assert_close
 
@@ -331,7 +332,7 @@ def test_opcheck(backend):
     inputs = make_inputs((1, 3, 6, 5), (3, 3))
     x, weight, bias, scale, shift, residual = (inputs[k] for k in NAMES)
     conv = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
-    impl = resolve("depthwise_conv2d", x.device, requested=backend)
+    impl = REGISTRY.select(Call(x.device, x.dtype), backend).name
     leaves = tuple(t.clone().requires_grad_() for t in (x, weight, bias, scale, shift, residual))
     torch.library.opcheck(torch.ops.vitkern.depthwise_conv2d, (*leaves, *conv, True, impl))
     _, z = torch.ops.vitkern.depthwise_conv2d(x, weight, bias, scale, shift, residual, *conv, True, impl)

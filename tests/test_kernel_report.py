@@ -27,6 +27,7 @@ import triton.language as tl
 from vitkern.kernels._specs import KernelSpec
 from vitkern.tools import kernel_report
 from vitkern.tools.kernel_report import KernelResources
+from vitkern.testing import require_build
 
 THIS_MODULE = Path(__file__).stem
 ARCHS = (80, 90)
@@ -280,8 +281,7 @@ __global__ void local_array(float* x, int k) {
 
 def test_cuda_binary_figures_match_nvcc(tmp_path):
     nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
-    if not nvcc.is_file():
-        pytest.fail(f"nvcc not found at {nvcc}: set CUDA_HOME to the CUDA toolkit (it also builds vitkern._C)")
+    require_build(nvcc.is_file(), f"nvcc not found at {nvcc}: set CUDA_HOME to the CUDA toolkit (it also builds vitkern._C)")
     source = tmp_path / "kernels.cu"
     source.write_text(CUDA_SOURCE)
     binary = tmp_path / "kernels.fatbin"
@@ -351,11 +351,11 @@ def test_real_kernels_compile_without_spills_within_shared_memory(module, tmp_pa
 
 def test_cuda_extension_kernels_have_no_local_memory():
     path = kernel_report.extension_path()
-    if path is None:
-        pytest.fail(
-            "vitkern._C is not built, so its kernels cannot be checked; build it with "
-            "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e . (CI always builds it)"
-        )
+    require_build(
+        path is not None,
+        "vitkern._C is not built, so its kernels cannot be checked; build it with "
+        "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .",
+    )
     rows, failures = kernel_report.cuda_report(path, ARCHS)
     assert failures == [], failures
     assert rows, f"no kernels found in {path}"

@@ -1,15 +1,8 @@
-"""Backend selection: which implementation an op call runs.
+"""The backend in force and what this process can run.
 
-User-facing backends are ``auto``, ``eager``, ``triton`` and ``cuda``. An op resolves the user's choice and the
-device of its inputs to a concrete implementation:
-
-======================  ==============================================================
-``eager``               the plain-PyTorch reference in :mod:`vitkern.reference`
-``cpu``                 the tuned CPU path (``auto`` on CPU tensors), plain PyTorch ops
-``triton``              the Triton kernels (on CPU tensors: under ``TRITON_INTERPRET=1``)
-``cuda``                the CUDA C++ kernels of ``vitkern._C`` on CUDA tensors
-``cuda-emulated``       the same CUDA C++ sources built for the host (``vitkern._emulation``)
-======================  ==============================================================
+User-facing backends are ``auto``, ``eager``, ``triton`` and ``cuda``; :mod:`vitkern.dispatch` turns the backend
+in force into the implementation that runs a call. This module knows which kernel families are installed and, when
+one is not, says why.
 """
 
 from __future__ import annotations
@@ -18,15 +11,19 @@ import contextlib
 import contextvars
 import importlib
 import importlib.util
+import json
 import os
 from collections.abc import Iterator
 from functools import cache
+from pathlib import Path
 from types import ModuleType
 
 import torch
 
 BACKENDS = ("auto", "eager", "triton", "cuda")
 ENV_VAR = "VITKERN_BACKEND"
+# Written by setup.py beside the extensions it builds: {"torch": version, "cuda": version, "extensions": [...]}.
+BUILD_INFO = Path(__file__).with_name("_build_info.json")
 
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("vitkern_backend", default=None)
 
@@ -60,21 +57,25 @@ def backend(name: str) -> Iterator[None]:
 
 
 @cache
-def _load(module: str) -> ModuleType | None:
+def _load(module: str) -> ModuleType | ImportError:
+    """The extension module, or the ImportError that importing it raised."""
     try:
         return importlib.import_module(module)
-    except ImportError:
-        return None
+    except ImportError as error:
+        return error
 
 
 def cuda_module() -> ModuleType | None:
-    """``vitkern._C`` (the nvcc build), or None where it was not built."""
-    return _load("vitkern._C")
+    """``vitkern._C`` (the nvcc build), or None where it was not built or does not load."""
+    module = _load("vitkern._C")
+    return None if isinstance(module, ImportError) else module
 
 
 def emulation_module() -> ModuleType | None:
-    """``vitkern._emulation`` (the host build of the CUDA C++ sources), or None where it was not built."""
-    return _load("vitkern._emulation")
+    """``vitkern._emulation`` (the host build of the CUDA C++ sources), or None where it was not built or does not
+    load."""
+    module = _load("vitkern._emulation")
+    return None if isinstance(module, ImportError) else module
 
 
 @torch.compiler.assume_constant_result
@@ -89,11 +90,58 @@ def _has_emulation_module() -> bool:
     return emulation_module() is not None
 
 
+def _built_for() -> str:
+    """`` (built for torch X)`` from the build record setup.py leaves beside the extensions, or ''."""
+    try:
+        info = json.loads(BUILD_INFO.read_text())
+    except (OSError, ValueError):
+        return ""
+    return f" (built for torch {info.get('torch', '?')})"
+
+
+def _missing_extension(module: str, how: str) -> str:
+    """Why the extension ``module`` cannot be used: not built, or built but failing to load."""
+    error = _load(module)
+    if not isinstance(error, ImportError) or (isinstance(error, ModuleNotFoundError) and error.name == module):
+        return f"needs the extension {module}, which was not built ({how}; see the README)"
+    return (
+        f"needs the extension {module}, which was built but does not load{_built_for()} under torch "
+        f"{torch.__version__}: {error}. Rebuild it ({how})"
+    )
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA C++ kernels of ``vitkern._C`` cannot run CUDA tensors here, or None."""
+    if _has_cuda_module():
+        return None
+    return _missing_extension(
+        "vitkern._C", "install with a CUDA toolkit, CUDA_HOME set and a CUDA build of torch"
+    )
+
+
+def emulation_unavailable_reason() -> str | None:
+    """Why the emulation build ``vitkern._emulation`` cannot run here, or None."""
+    if _has_emulation_module():
+        return None
+    return _missing_extension("vitkern._emulation", "reinstall with VITKERN_BUILD_EMULATION=1")
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+# Triton's interpreter runs kernels through numpy.
+NUMPY_INSTALLED = importlib.util.find_spec("numpy") is not None
+
+
+def triton_unavailable_reason() -> str | None:
+    """Why the Triton kernels cannot run in this process at all, or None (the device is checked by dispatch)."""
+    if not TRITON_INSTALLED:
+        return "needs the triton package, which is not installed"
+    if triton_interpreted() and not NUMPY_INSTALLED:
+        return "runs under the Triton interpreter (TRITON_INTERPRET=1), which needs numpy: pip install numpy"
+    return None
 
 
 def available_backends() -> dict[str, bool]:
@@ -101,50 +149,7 @@ def available_backends() -> dict[str, bool]:
     gpu = torch.cuda.is_available()
     return {
         "eager": True,
-        "triton": TRITON_INSTALLED and (gpu or triton_interpreted()),
+        "triton": triton_unavailable_reason() is None and (gpu or triton_interpreted()),
         "cuda": gpu and cuda_module() is not None,
         "cuda-emulated": emulation_module() is not None,
     }
-
-
-def resolve(op: str, device: torch.device, auto_gpu: str = "triton", requested: str | None = None) -> str:
-    """The concrete implementation that runs ``op`` on ``device``.
-
-    ``auto_gpu`` is the op's preferred kernel family on CUDA tensors under ``auto``. Raises RuntimeError naming what
-    is missing when the requested backend cannot run here; it never falls back silently.
-    """
-    name = current_backend() if requested is None else _check_name(requested)
-    on_gpu = device.type == "cuda"
-    if name == "eager":
-        return "eager"
-    if name == "auto":
-        if not on_gpu:
-            return "cpu"
-        if auto_gpu == "cuda" and _has_cuda_module():
-            return "cuda"
-        if TRITON_INSTALLED:
-            return "triton"
-        return "eager"
-    if name == "triton":
-        if not TRITON_INSTALLED:
-            raise RuntimeError(f"{op}: backend 'triton' needs the triton package, which is not installed")
-        if not on_gpu and not triton_interpreted():
-            raise RuntimeError(
-                f"{op}: backend 'triton' on {device.type} tensors needs the Triton interpreter: set "
-                "TRITON_INTERPRET=1 before triton is imported, or pass CUDA tensors"
-            )
-        return "triton"
-    # name == "cuda"
-    if on_gpu:
-        if not _has_cuda_module():
-            raise RuntimeError(
-                f"{op}: backend 'cuda' needs the vitkern._C extension, which was not built (install with a CUDA "
-                "toolkit, CUDA_HOME set and a CUDA build of torch; see the README)"
-            )
-        return "cuda"
-    if not _has_emulation_module():
-        raise RuntimeError(
-            f"{op}: backend 'cuda' on {device.type} tensors needs the emulation build vitkern._emulation, which was "
-            "not built (reinstall with VITKERN_BUILD_EMULATION=1; see the README)"
-        )
-    return "cuda-emulated"

@@ -7,6 +7,7 @@ PyTorch reference against that fp32 reference, plus a small atol.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -58,3 +59,16 @@ def large_allocations(fn: Callable[[], object], threshold_bytes: int) -> list[tu
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     return [(e.name, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage >= threshold_bytes]
+
+
+def require_build(available: bool, reason: str) -> None:
+    """Skip the calling test with ``reason`` when an optional build (an extension, a toolkit) is missing, as on a
+    developer's machine without it; fail instead under CI (``$CI`` set), whose set-up builds everything, so a
+    broken build can never pass as skipped tests."""
+    if available:
+        return
+    import pytest
+
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI's set-up builds it, so its absence is a failure)")
+    pytest.skip(reason)

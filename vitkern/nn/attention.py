@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from vitkern import ops, reference
-from vitkern._backend import resolve
+from vitkern.kernels.contract import BIAS_LEVIT
 
 
 def _drop_saved_index(
@@ -191,13 +191,15 @@ class LeViTAttention(nn.Module):
             cache = self._bias_cache = (weight, weight._version, bias)
         return cache[2]
 
-    def _use_cache(self, device: torch.device) -> bool:
+    def _use_cache(self, q: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether this call takes the cached dense bias: in eval mode without gradients, where the op runs on the
+        CPU path (the fused kernels gather the biases themselves)."""
         needs_grad = torch.is_grad_enabled() and self.pos_bias.weight.requires_grad
         return (
             not self.training
             and not needs_grad
             and not torch.compiler.is_compiling()
-            and resolve("levit_attention", device) == "cpu"
+            and ops.attention.implementation("levit_attention", q, v, BIAS_LEVIT) == "cpu"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +213,7 @@ class LeViTAttention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         batch, _, rows, cols = q.shape
         q, k, v = (t.reshape(batch, self.heads, -1, t.shape[2] * t.shape[3]).transpose(2, 3) for t in (q, k, v))
-        if self._use_cache(x.device):
+        if self._use_cache(q, v):
             out = ops.biased_attention(q, k, v, self._cached_bias().to(q.dtype), self.scale)
         else:
             out = ops.levit_attention(q, k, v, self.biases().to(q.dtype), size, self.stride, self.scale)

@@ -52,13 +52,3 @@ def check_scale(scale: object) -> float | None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
     return float(scale)
-
-
-def needs_grad(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd records a call on these tensors (None entries are absent optional arguments)."""
-    if not torch.is_grad_enabled():
-        return False
-    for t in tensors:
-        if t is not None and t.requires_grad:
-            return True
-    return False

@@ -1,0 +1,93 @@
+"""The custom ops ``vitkern::attention`` and ``vitkern::attention_backward``: fake implementations, autograd, and
+the binding of each kernel family to the attention kernel contract in :mod:`vitkern.kernels.contract`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import SimpleNamespace
+
+import torch
+
+
+def attention(q, k, v, bias, bias_mode, geometry, scale, backend: str):
+    """Run the checked call on kernel family ``backend`` through the custom op; returns out."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, _ = torch.ops.vitkern.attention(q, k, v, bias, bias_mode, geometry, scale, backend)
+    return out
+
+
+def _kernels(backend: str) -> SimpleNamespace:
+    """fwd/bwd callables of one kernel family, with the contract of :mod:`vitkern.kernels.contract`."""
+    if backend != "triton":
+        raise ValueError(f"backend: expected 'triton', the one attention kernel family, got {backend!r}")
+    module = importlib.import_module("vitkern.kernels.attention")
+    return SimpleNamespace(fwd=module.attention_fwd, bwd=module.attention_bwd)
+
+
+@torch.library.custom_op("vitkern::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    bias_mode: int,
+    geometry: list[int],
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(_kernels(backend).fwd(q, k, v, bias, bias_mode, geometry, scale))
+
+
+@_attention_op.register_fake
+def _(q, k, v, bias, bias_mode, geometry, scale, backend):
+    batch, heads, queries, _ = q.shape
+    out = q.new_empty((batch, heads, queries, v.shape[3]))
+    lse = q.new_empty((batch, heads, queries), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("vitkern::attention_backward", mutates_args=())
+def _attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None,
+    bias_mode: int,
+    geometry: list[int],
+    scale: float,
+    bias_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(
+        _kernels(backend).bwd(dout, q, k, v, out, lse, bias, bias_mode, geometry, scale, bias_grad)
+    )
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, bias, bias_mode, geometry, scale, bias_grad, backend):
+    dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, bias_mode, geometry, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias)
+    ctx.args = (bias_mode, geometry, scale)
+    ctx.backend = backend
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, bias = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = torch.ops.vitkern.attention_backward(
+        dout.contiguous(), q, k, v, out, lse, bias, *ctx.args, bias_grad, ctx.backend
+    )
+    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
