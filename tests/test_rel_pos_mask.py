@@ -81,3 +81,50 @@ def test_reference_mask_is_added_per_window():
     for b in range(batch):
         scores = q[b] @ k[b].transpose(-1, -2) * 4 ** -0.5 + bias + mask[b % 3]
         torch.testing.assert_close(got[b], scores.softmax(-1) @ v[b], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [-100.0, float("-inf")])
+@pytest.mark.parametrize("backend", ["eager", "auto", "triton"])
+def test_rel_pos_attention_mask_every_backend(backend, masked):
+    batch, heads, window, head_dim = 4, 2, (3, 3), 8
+    q, k, v, table = inputs(batch, heads, window, head_dim)
+    mask = swin_mask(2, 9, masked)
+    dout = torch.randn(batch, heads, 9, head_dim)
+    want = reference_grads(q, k, v, table, window, mask, dout)
+    mask_before = mask.clone()
+    with vitkern.backend(backend):
+        out = vitkern.ops.rel_pos_attention(q, k, v, table, window, mask=mask)
+    grads = torch.autograd.grad(out, (q, k, v, table), dout)
+    for name, got, expected in zip(("out", "dq", "dk", "dv", "dtable"), (out, *grads), want):
+        torch.testing.assert_close(got, expected, **TOL, msg=name)
+    assert torch.equal(mask, mask_before)
+
+
+def test_rel_pos_attention_mask_cuda_backend_says_why_not():
+    q, k, v, table = inputs(2, 2, (2, 2), 8, requires_grad=False)
+    with vitkern.backend("cuda"), pytest.raises(RuntimeError, match="mask not supported"):
+        vitkern.ops.rel_pos_attention(q, k, v, table, (2, 2), mask=swin_mask(2, 4, -100.0))
+
+
+def test_attention_op_with_mask_passes_opcheck():
+    q, k, v, table = inputs(4, 2, (2, 3), 16)
+    mask = swin_mask(2, 6, -100.0)
+    torch.library.opcheck(torch.ops.vitkern.attention, (q, k, v, table, mask, kernels.BIAS_REL_POS, [2, 3], 0.25,
+                                                        "triton"))
+
+
+@pytest.mark.parametrize(
+    "mask,error,match",
+    [
+        (torch.zeros(2, 4, 5), ValueError, r"mask: expected shape \(num_windows, 4, 4\)"),
+        (torch.zeros(3, 4, 4), ValueError, "mask: expected num_windows dividing the batch 4"),
+        (torch.zeros(2, 4, 4, dtype=torch.float64), TypeError, "mask: expected dtype"),
+        (torch.zeros(2, 4, 4, dtype=torch.float16), TypeError, "mask: expected dtype torch.float32"),
+        (torch.zeros(4, 4), ValueError, "mask: expected a 3-D tensor"),
+        (torch.zeros(2, 4, 4, requires_grad=True), ValueError, "mask: expected a tensor that does not require grad"),
+    ],
+)
+def test_rel_pos_attention_bad_mask(mask, error, match):
+    q, k, v, table = inputs(4, 2, (2, 2), 8, requires_grad=False)
+    with pytest.raises(error, match=match):
+        vitkern.ops.rel_pos_attention(q, k, v, table, (2, 2), mask=mask)
