@@ -91,7 +91,7 @@ setup(
     packages=[*find_packages(include=["vitkern", "vitkern.*"]), "vitkern.kernels"],
     package_dir={"vitkern.kernels": "kernels"},
     install_requires=["torch>=2.6", "triton>=3.2"],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "numpy"]},
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "numpy", "timm>=1.0"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
