@@ -123,8 +123,8 @@ def test_patched_model_matches_unpatched(name, train):
     assert vitkern.patch(model) is model
     report = reported(model)
     assert report == expected_report(model, name)
-    # train-mode BatchNorm over a batch of 2 amplifies rounding differences far past the ops' own: 4 images
-    compare(model, reference_model, image(name, 4 if train else 2), train)
+    # train-mode BatchNorm over a small batch amplifies rounding differences far past the ops' own: 8 images
+    compare(model, reference_model, image(name, 8 if train else 2), train)
 
 
 # one module of each model on the Triton backend, the smallest that holds the fused op (the interpreter is slow),

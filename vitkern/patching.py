@@ -6,9 +6,10 @@ buffer or state_dict key changes, and the previous forward is kept in a registry
 :func:`unpatch` restores it and :func:`patched` lists what runs where. Modules are matched by class identity on
 timm's classes (timm is imported only when a model is patched, and not needed for the depthwise convolutions).
 
-A fused forward checks at call time what its op cannot cover (attention dropout in training, an unbatched input,
-an autocast dtype mismatch, an eval-mode BatchNorm whose statistics are being updated) and runs the module's own
-forward for that call.
+A fused forward checks at call time what its op cannot cover (attention dropout in training, an unbatched input or
+one whose dtype differs from the conv weight's, as under autocast, a BatchNorm in training mode) and runs the
+module's own forward for that call. Attention tables and biases are cast to the dtype of q (a no-op outside
+autocast).
 
 torch.compile: patch first, then compile (the compiled graph traces the fused forwards and the custom ops). A model
 that is already compiled (``torch.compile(model)`` or ``model.compile()``) is refused with a TypeError: the compiled
@@ -119,7 +120,7 @@ def _maxxvit_attention(module, q, k, v, timm_layers):
     """q, k, v (B, heads, N, dim_head) through the module's relative-position table."""
     rel_pos = module.rel_pos
     table = _rel_pos_table(rel_pos, timm_layers)
-    return rel_pos_attention(q, k, v, table, tuple(rel_pos.window_size), module.scale)
+    return rel_pos_attention(q, k, v, table.to(q.dtype), tuple(rel_pos.window_size), module.scale)
 
 
 def _attention2d_forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,7 +162,7 @@ def _window_attention_forward(self, x: torch.Tensor, mask: torch.Tensor | None =
     if mask is not None:
         mask = mask.to(q.dtype).contiguous()
     out = rel_pos_attention(
-        q, k, v, self.relative_position_bias_table, tuple(self.window_size), self.scale, mask=mask
+        q, k, v, self.relative_position_bias_table.to(q.dtype), tuple(self.window_size), self.scale, mask=mask
     )
     x = out.transpose(1, 2).reshape(batch_windows, tokens, -1)
     return self.proj_drop(self.proj(x))
@@ -178,7 +179,7 @@ def _levit_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
         )
         out = levit_attention(
             q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1),
-            self.attention_biases, resolution, 1, self.scale,
+            self.attention_biases.to(q.dtype), resolution, 1, self.scale,
         )
         x = out.transpose(-2, -1).reshape(batch, -1, height, width)
     else:
@@ -187,7 +188,8 @@ def _levit_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
             [self.key_dim, self.key_dim, self.val_dim], dim=3
         )
         out = levit_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.attention_biases, resolution, 1, self.scale
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.attention_biases.to(q.dtype), resolution, 1,
+            self.scale,
         )
         x = out.transpose(1, 2).reshape(batch, tokens, self.val_attn_dim)
     return self.proj(x)
@@ -204,7 +206,7 @@ def _levit_downsample_forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.q(x).view(batch, self.num_heads, self.key_dim, -1)
         out = levit_attention(
             q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1),
-            self.attention_biases, resolution, self.stride, self.scale,
+            self.attention_biases.to(q.dtype), resolution, self.stride, self.scale,
         )
         x = out.transpose(-2, -1).reshape(batch, self.val_attn_dim, out_h, out_w)
     else:
@@ -212,7 +214,8 @@ def _levit_downsample_forward(self, x: torch.Tensor) -> torch.Tensor:
         k, v = self.kv(x).view(batch, tokens, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
         q = self.q(x).view(batch, -1, self.num_heads, self.key_dim).transpose(1, 2)
         out = levit_attention(
-            q, k.transpose(1, 2), v.transpose(1, 2), self.attention_biases, resolution, self.stride, self.scale
+            q, k.transpose(1, 2), v.transpose(1, 2), self.attention_biases.to(q.dtype), resolution, self.stride,
+            self.scale,
         )
         x = out.transpose(1, 2).reshape(batch, -1, self.val_attn_dim)
     return self.proj(x)
