@@ -133,8 +133,11 @@ def main() -> None:
         python_requires=">=3.10",
         packages=[*find_packages(include=["vitkern", "vitkern.*"]), "vitkern.kernels"],
         package_dir={"vitkern.kernels": "kernels"},
-        install_requires=["torch>=2.11", "triton>=3.6"],
-        extras_require={"test": ["pytest>=8", "pytest-benchmark>=4", "numpy"]},
+        install_requires=["torch>=2.11", "triton>=3.6", "einops>=0.7", "numpy"],
+        extras_require={
+            "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "timm>=1.0"],
+            "charts": ["matplotlib"],
+        },
         ext_modules=ext_modules,
         cmdclass=cmdclass,
         zip_safe=False,

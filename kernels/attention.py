@@ -9,6 +9,10 @@ One forward kernel and one backward family, the bias a compile-time switch (``BI
   bias[h, i, j] = biases[h, |s*yi - yj|*R + |s*xi - xj|];
 * 3: a dense 4-D bias broadcastable to (B, H, Nq, Nk), broadcast dims read with stride 0, -inf allowed.
 
+With any mode, ``HAS_MASK`` adds a (num_windows, Nq, Nk) additive mask (no gradient) to the scores of batch entry b
+as mask[b % num_windows]: Swin's shifted-window mask (timm ``swin_transformer.WindowAttention``), read inside the
+kernels, never expanded to (B, H, Nq, Nk).
+
 Kernels (all accumulate in fp32; the softmax is streamed in base 2 with the log2(e) factor folded into the scores;
 fp16 / bf16 dots run on tensor cores, fp32 dots exact (``input_precision="ieee"``) on 16 x 16 tiles):
 
@@ -109,6 +113,13 @@ def _bias_tile(
 
 
 @triton.jit
+def _mask_tile(attn_mask_ptr, qi, kj, valid, NK):
+    """attn_mask[qi, kj] in fp32 (attn_mask_ptr already advanced to the program's window, rows of NK keys); 0 where
+    ~valid."""
+    return tl.load(attn_mask_ptr + qi * NK + kj, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _bias_base(bias_ptr, b, h, stride_biasb, stride_biash):
     """bias_ptr advanced to batch b, head h (int64 scalars); tile offsets from there stay 32-bit."""
     return bias_ptr + b * stride_biasb + h * stride_biash
@@ -130,6 +141,7 @@ def _attention_fwd_kernel(
     k_ptr,
     v_ptr,
     bias_ptr,
+    attn_mask_ptr,
     out_ptr,
     lse_ptr,
     stride_qb,
@@ -158,7 +170,9 @@ def _attention_fwd_kernel(
     k_grid_w,
     q_step,
     win_h,
+    num_windows,
     BIAS_MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -178,6 +192,7 @@ def _attention_fwd_kernel(
     k_ptr += b * stride_kb + h * stride_kh
     v_ptr += b * stride_vb + h * stride_vh
     bias_ptr = _bias_base(bias_ptr, b, h, stride_biasb, stride_biash)
+    attn_mask_ptr += (b % num_windows) * NQ * NK
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
     offs_d = tl.arange(0, BLOCK_D)
@@ -197,6 +212,8 @@ def _attention_fwd_kernel(
                 bias_ptr, rows, kj, (rows < NQ) & (kj < NK), stride_biasm, stride_biasn,
                 q_grid_w, k_grid_w, q_step, win_h, BIAS_MODE,
             )
+        if HAS_MASK:
+            s += LOG2E * _mask_tile(attn_mask_ptr, rows, kj, (rows < NQ) & (kj < NK), NK)
         s = tl.where(kj < NK, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -228,6 +245,7 @@ def _attention_bwd_dq_kernel(
     lse_ptr,
     delta_ptr,
     bias_ptr,
+    attn_mask_ptr,
     dq_ptr,
     dbias_ptr,
     stride_qb,
@@ -260,7 +278,9 @@ def _attention_bwd_dq_kernel(
     k_grid_w,
     q_step,
     win_h,
+    num_windows,
     BIAS_MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -282,6 +302,7 @@ def _attention_bwd_dq_kernel(
     k_ptr += b * stride_kb + h * stride_kh
     v_ptr += b * stride_vb + h * stride_vh
     bias_ptr = _bias_base(bias_ptr, b, h, stride_biasb, stride_biash)
+    attn_mask_ptr += (b % num_windows) * NQ * NK
     dbias_ptr += b * stride_dbiasb + h * stride_dbiash
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
@@ -308,6 +329,8 @@ def _attention_bwd_dq_kernel(
                 bias_ptr, rows, kj, mask, stride_biasm, stride_biasn,
                 q_grid_w, k_grid_w, q_step, win_h, BIAS_MODE,
             )
+        if HAS_MASK:
+            s += LOG2E * _mask_tile(attn_mask_ptr, rows, kj, mask, NK)
         p = tl.where(mask, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
@@ -328,6 +351,7 @@ def _attention_bwd_dkdv_kernel(
     lse_ptr,
     delta_ptr,
     bias_ptr,
+    attn_mask_ptr,
     dk_ptr,
     dv_ptr,
     stride_qb,
@@ -356,7 +380,9 @@ def _attention_bwd_dkdv_kernel(
     k_grid_w,
     q_step,
     win_h,
+    num_windows,
     BIAS_MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -376,6 +402,7 @@ def _attention_bwd_dkdv_kernel(
     k_ptr += b * stride_kb + h * stride_kh
     v_ptr += b * stride_vb + h * stride_vh
     bias_ptr = _bias_base(bias_ptr, b, h, stride_biasb, stride_biash)
+    attn_mask_ptr += (b % num_windows) * NQ * NK
     dout_ptr += pid_bh * NQ * DV
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
     offs_d = tl.arange(0, BLOCK_D)
@@ -399,6 +426,8 @@ def _attention_bwd_dkdv_kernel(
                 bias_ptr, qi, keys, mask, stride_biasm, stride_biasn,
                 q_grid_w, k_grid_w, q_step, win_h, BIAS_MODE,
             )
+        if HAS_MASK:
+            s_t += LOG2E * _mask_tile(attn_mask_ptr, qi, keys, mask, NK)
         p_t = tl.where(mask, tl.math.exp2(s_t - lse2[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
@@ -419,6 +448,7 @@ def _attention_bwd_table_kernel(
     lse_ptr,
     delta_ptr,
     bias_ptr,
+    attn_mask_ptr,
     partial_ptr,
     stride_qb,
     stride_qh,
@@ -449,7 +479,9 @@ def _attention_bwd_table_kernel(
     k_grid_h,
     num_bins,
     batch_per_chunk,
+    num_windows,
     BIAS_MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BLOCK_X: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -535,6 +567,9 @@ def _attention_bwd_table_kernel(
                             bias_base, qi, kj, mask, stride_biasm, 0,
                             q_grid_w, k_grid_w, q_step, win_h, BIAS_MODE,
                         )
+                        if HAS_MASK:
+                            window_mask = attn_mask_ptr + (bb % num_windows) * NQ * NK
+                            s += LOG2E * _mask_tile(window_mask, qi, kj, mask, NK)
                         p = tl.where(mask, tl.math.exp2(s - lse2[:, None]), 0.0)
                         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
                         ds_sum += p * (dp - delta[:, None])
@@ -644,28 +679,39 @@ def _grid_args(bias_mode: int, geometry: list[int]) -> tuple[int, int, int, int]
     return geo["q_grid_w"], geo["k_grid_w"], geo["q_step"], geo["win_h"]
 
 
+def _mask_args(mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The (pointer, num_windows) pair the kernels take for ``mask``; q stands in for the pointer when there is none
+    (HAS_MASK is False then and the kernels never read it)."""
+    if mask is None:
+        return q, 1
+    return mask, mask.shape[0]
+
+
 def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
     bias_mode: int,
     geometry: list[int],
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv) through their strides; bias per ``bias_mode``
-    (module docstring). Returns out (B, H, Nq, Dv) contiguous in q's dtype and lse (B, H, Nq) fp32."""
+    (module docstring); mask None or (num_windows, Nq, Nk) contiguous, added to batch entry b's scores as
+    mask[b % num_windows]. Returns out (B, H, Nq, Dv) contiguous in q's dtype and lse (B, H, Nq) fp32."""
     batch, heads, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[3]
     out = torch.empty((batch, heads, nq, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
     config = _fwd_config(nq, nk, d, dv, q.dtype)
     grid = (triton.cdiv(nq, config["BLOCK_M"]), batch * heads)
+    mask_arg, num_windows = _mask_args(mask, q)
     _attention_fwd_kernel[grid](
-        q, k, v, q if bias is None else bias, out, lse,
+        q, k, v, q if bias is None else bias, mask_arg, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias, bias_mode),
-        heads, nq, nk, d, dv, scale, *_grid_args(bias_mode, geometry),
-        BIAS_MODE=bias_mode, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **config,
+        heads, nq, nk, d, dv, scale, *_grid_args(bias_mode, geometry), num_windows,
+        BIAS_MODE=bias_mode, HAS_MASK=mask is not None, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **config,
     )
     return out, lse
 
@@ -678,6 +724,7 @@ def attention_bwd(
     out: torch.Tensor,
     lse: torch.Tensor,
     bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
     bias_mode: int,
     geometry: list[int],
     scale: float,
@@ -695,6 +742,7 @@ def attention_bwd(
     dv = torch.empty((batch, heads, nk, dv_dim), dtype=q.dtype, device=q.device)
     delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
     bias_arg = q if bias is None else bias
+    mask_arg, num_windows = _mask_args(mask, q)
     bias_strides = _bias_strides(bias, bias_mode)
     grid_args = _grid_args(bias_mode, geometry)
     config = _bwd_config(nq, nk, d, dv_dim, q.dtype)
@@ -706,17 +754,17 @@ def attention_bwd(
         same_shape = tuple(bias.shape) == full_shape
         ds_target = torch.empty(full_shape, dtype=bias.dtype if same_shape else torch.float32, device=q.device)
     _attention_bwd_dq_kernel[(triton.cdiv(nq, config["BLOCK_M"]), batch * heads)](
-        dout, q, k, v, out, lse, delta, bias_arg, dq, ds_target,
+        dout, q, k, v, out, lse, delta, bias_arg, mask_arg, dq, ds_target,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides,
         *(ds_target.stride() if dense_grad else (0, 0, 0, 0)),
-        heads, nq, nk, d, dv_dim, scale, *grid_args,
-        BIAS_MODE=bias_mode, BIAS_GRAD=dense_grad, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **config,
+        heads, nq, nk, d, dv_dim, scale, *grid_args, num_windows,
+        BIAS_MODE=bias_mode, HAS_MASK=mask is not None, BIAS_GRAD=dense_grad, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **config,
     )
     _attention_bwd_dkdv_kernel[(triton.cdiv(nk, config["BLOCK_N"]), batch * heads)](
-        dout, q, k, v, lse, delta, bias_arg, dk, dv,
+        dout, q, k, v, lse, delta, bias_arg, mask_arg, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides,
-        heads, nq, nk, d, dv_dim, scale, *grid_args,
-        BIAS_MODE=bias_mode, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **config,
+        heads, nq, nk, d, dv_dim, scale, *grid_args, num_windows,
+        BIAS_MODE=bias_mode, HAS_MASK=mask is not None, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **config,
     )
     if not bias_grad:
         dbias = q.new_empty(0)
@@ -724,11 +772,11 @@ def attention_bwd(
         reduce_dims = [dim for dim in range(4) if bias.shape[dim] == 1 and full_shape[dim] != 1]
         dbias = ds_target.sum(reduce_dims, keepdim=True).to(bias.dtype) if reduce_dims else ds_target
     else:
-        dbias = _table_grad(dout, q, k, v, lse, delta, bias, bias_mode, geometry, scale)
+        dbias = _table_grad(dout, q, k, v, lse, delta, bias, mask, bias_mode, geometry, scale)
     return dq, dk, dv, dbias
 
 
-def _table_grad(dout, q, k, v, lse, delta, bias, bias_mode, geometry, scale):
+def _table_grad(dout, q, k, v, lse, delta, bias, mask, bias_mode, geometry, scale):
     """The table (mode 1) or biases (mode 2) gradient through :func:`_attention_bwd_table_kernel`, in the bias's
     shape and dtype."""
     batch, heads, nq, d = q.shape
@@ -740,13 +788,14 @@ def _table_grad(dout, q, k, v, lse, delta, bias, bias_mode, geometry, scale):
     batch_per_chunk = triton.cdiv(batch, min(batch, triton.cdiv(TARGET_PROGRAMS, programs)))
     chunks = triton.cdiv(batch, batch_per_chunk)
     partial = torch.empty((chunks, heads, geo["num_dy"], geo["num_bins"]), dtype=torch.float32, device=q.device)
+    mask_arg, num_windows = _mask_args(mask, q)
     _attention_bwd_table_kernel[(heads, geo["num_dy"], g_blocks * chunks)](
-        dout, q, k, v, lse, delta, bias, partial,
+        dout, q, k, v, lse, delta, bias, mask_arg, partial,
         *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias, bias_mode)[1:3],
         batch, heads, nq, nk, d, dv, scale,
         geo["q_grid_w"], geo["k_grid_w"], geo["q_step"], geo["win_h"], geo["q_grid_h"], geo["k_grid_h"],
-        geo["num_bins"], batch_per_chunk,
-        BIAS_MODE=bias_mode, maxnreg=MAX_REGISTERS, **config,
+        geo["num_bins"], batch_per_chunk, num_windows,
+        BIAS_MODE=bias_mode, HAS_MASK=mask is not None, maxnreg=MAX_REGISTERS, **config,
     )
     grad = (partial.sum(0) if chunks > 1 else partial[0]).reshape(heads, -1)
     if bias_mode == BIAS_REL_POS:
@@ -786,25 +835,28 @@ def _configs(config_fn, block: int, dtype: torch.dtype) -> list[dict[str, int]]:
 
 
 def report_specs() -> list[KernelSpec]:
-    """Every kernel in every config the launchers can pick, for fp32, fp16 and bf16 and every bias mode."""
+    """Every kernel in every config the launchers can pick, for fp32, fp16 and bf16 and every bias mode; with and
+    without a mask for the relative-position table (Swin's shifted windows, the mask's one public user)."""
     specs = []
     for dtype, block, mode in itertools.product(REPORT_DTYPES, HEAD_BLOCKS, BIAS_MODES):
-        tag = f"mode{mode}_{TRITON_DTYPES[dtype]}_d{block}"
-        for config in _configs(_fwd_config, block, dtype):
-            warps = config.pop("num_warps")
-            specs.append(_spec(f"attention_fwd_{tag}_t{config['BLOCK_M']}", _attention_fwd_kernel, dtype,
-                               {"BIAS_MODE": mode, **config}, warps))
-        for config in _configs(_bwd_config, block, dtype):
-            warps = config.pop("num_warps")
-            specs.append(_spec(f"attention_bwd_dkdv_{tag}_t{config['BLOCK_M']}", _attention_bwd_dkdv_kernel, dtype,
-                               {"BIAS_MODE": mode, **config}, warps))
-            for bias_grad in (False, True) if mode == BIAS_DENSE else (False,):
-                specs.append(_spec(f"attention_bwd_dq_{tag}_t{config['BLOCK_M']}_grad{int(bias_grad)}",
-                                   _attention_bwd_dq_kernel, dtype,
-                                   {"BIAS_MODE": mode, "BIAS_GRAD": bias_grad, **config}, warps))
-        if mode in (BIAS_REL_POS, BIAS_LEVIT):
-            config = _table_config(block, block)
-            warps, stages = config.pop("num_warps"), config.pop("num_stages")
-            specs.append(_spec(f"attention_bwd_table_{tag}", _attention_bwd_table_kernel, dtype,
-                               {"BIAS_MODE": mode, **config}, warps, stages))
+        for has_mask in (False, True) if mode == BIAS_REL_POS else (False,):
+            tag = f"mode{mode}{'_mask' if has_mask else ''}_{TRITON_DTYPES[dtype]}_d{block}"
+            switches = {"BIAS_MODE": mode, "HAS_MASK": has_mask}
+            for config in _configs(_fwd_config, block, dtype):
+                warps = config.pop("num_warps")
+                specs.append(_spec(f"attention_fwd_{tag}_t{config['BLOCK_M']}", _attention_fwd_kernel, dtype,
+                                   {**switches, **config}, warps))
+            for config in _configs(_bwd_config, block, dtype):
+                warps = config.pop("num_warps")
+                specs.append(_spec(f"attention_bwd_dkdv_{tag}_t{config['BLOCK_M']}", _attention_bwd_dkdv_kernel,
+                                   dtype, {**switches, **config}, warps))
+                for bias_grad in (False, True) if mode == BIAS_DENSE else (False,):
+                    specs.append(_spec(f"attention_bwd_dq_{tag}_t{config['BLOCK_M']}_grad{int(bias_grad)}",
+                                       _attention_bwd_dq_kernel, dtype,
+                                       {**switches, "BIAS_GRAD": bias_grad, **config}, warps))
+            if mode in (BIAS_REL_POS, BIAS_LEVIT):
+                config = _table_config(block, block)
+                warps, stages = config.pop("num_warps"), config.pop("num_stages")
+                specs.append(_spec(f"attention_bwd_table_{tag}", _attention_bwd_table_kernel, dtype,
+                                   {**switches, **config}, warps, stages))
     return specs

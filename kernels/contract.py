@@ -20,12 +20,14 @@ empty. Accumulation is fp32; the weight gradient is deterministic.
 
 Attention::
 
-    attention_fwd(q, k, v, bias, bias_mode, geometry, scale) -> (out, lse)
-    attention_bwd(dout, q, k, v, out, lse, bias, bias_mode, geometry, scale, bias_grad) -> (dq, dk, dv, dbias)
+    attention_fwd(q, k, v, bias, mask, bias_mode, geometry, scale) -> (out, lse)
+    attention_bwd(dout, q, k, v, out, lse, bias, mask, bias_mode, geometry, scale, bias_grad) -> (dq, dk, dv, dbias)
 
 q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv), contiguous. bias_mode ``BIAS_NONE``; ``BIAS_REL_POS``: a table
 ((2Wh-1)(2Ww-1), H), geometry [Wh, Ww]; ``BIAS_LEVIT``: LeViT biases (H, R*R), geometry [R, stride]; ``BIAS_DENSE``:
-a 4-D bias broadcastable to (B, H, Nq, Nk). Tables are read through their strides. out is (B, H, Nq, Dv) in q's
+a 4-D bias broadcastable to (B, H, Nq, Nk). Tables are read through their strides. mask: None or a
+(num_windows, Nq, Nk) contiguous additive mask in q's dtype, no gradient, added to the scores of batch entry b as
+mask[b % num_windows] (Swin's shifted windows), with any bias_mode. out is (B, H, Nq, Dv) in q's
 dtype, lse (B, H, Nq) fp32; dbias has the bias's own shape (an empty tensor when ``bias_grad`` is False). A query
 row whose every score is -inf gives zeros.
 """

@@ -367,10 +367,10 @@ def test_opcheck(mode):
         if mode == 3:
             bias = torch.randn(1, 2, 5, 7, device=DEVICE, requires_grad=True)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.vitkern.attention, (q, k, v, bias, mode, geometry, 0.25, "triton"))
-    out, lse = kernels.attention_fwd(q.detach(), k.detach(), v.detach(), bias, mode, geometry, 0.25)
+    torch.library.opcheck(torch.ops.vitkern.attention, (q, k, v, bias, None, mode, geometry, 0.25, "triton"))
+    out, lse = kernels.attention_fwd(q.detach(), k.detach(), v.detach(), bias, None, mode, geometry, 0.25)
     args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
-            None if bias is None else bias.detach(), mode, geometry, 0.25, bias is not None, "triton")
+            None if bias is None else bias.detach(), None, mode, geometry, 0.25, bias is not None, "triton")
     torch.library.opcheck(torch.ops.vitkern.attention_backward, args)
 
 

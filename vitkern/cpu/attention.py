@@ -18,14 +18,24 @@ from vitkern.kernels.contract import levit_query_side
 MAX_CACHED_INDEX = 1 << 20
 
 
-def rel_pos_attention(q, k, v, table, window, scale):
-    """:func:`vitkern.ops.rel_pos_attention` on checked arguments; window is (Wh, Ww). A table that may hold -inf
-    takes the reference, which gives zeros for fully masked rows as the kernels do."""
+def rel_pos_attention(q, k, v, table, window, scale, mask=None):
+    """:func:`vitkern.ops.rel_pos_attention` on checked arguments; window is (Wh, Ww). A mask that may hold -inf
+    takes the reference (zeros for fully masked rows); a finite one is added to the gathered bias once per window,
+    (num_windows, heads, N, N), which the batch, viewed as (B / num_windows, num_windows, ...), broadcasts over. A
+    table that may hold -inf takes the reference too, as the kernels give zeros for fully masked rows."""
     if _may_mask_rows(table):
-        return reference.rel_pos_attention(q, k, v, table, window, scale)
+        return reference.rel_pos_attention(q, k, v, table, window, scale, mask)
     tokens = window[0] * window[1]
     bias = table.t().index_select(1, _rel_pos_flat_index(window, q.device)).view(-1, tokens, tokens)
-    return attention(q, k, v, bias, scale)
+    if mask is None:
+        return attention(q, k, v, bias, scale)
+    if _may_mask_rows(mask):
+        return reference.rel_pos_attention(q, k, v, table, window, scale, mask)
+    windows = mask.shape[0]
+    batch, heads = q.shape[:2]
+    per_window = bias + mask[:, None]
+    q5, k5, v5 = (t.reshape(batch // windows, windows, heads, *t.shape[2:]) for t in (q, k, v))
+    return attention(q5, k5, v5, per_window, scale).reshape(batch, heads, tokens, v.shape[-1])
 
 
 def levit_attention(q, k, v, biases, resolution, stride, scale):
@@ -58,13 +68,13 @@ def attention(q, k, v, bias, scale):
         bias = None if bias is None else bias.float()
         return attention(q.float(), k.float(), v.float(), bias, scale).to(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    batch, heads, queries, head_dim = q.shape
-    keys, value_dim = k.shape[2], v.shape[3]
-    macs = batch * heads * queries * keys * (head_dim + value_dim)
+    *lead, queries, head_dim = q.shape  # (B, heads) or, for a windowed mask, (B / windows, windows, heads)
+    keys, value_dim = k.shape[-2], v.shape[-1]
+    macs = q.numel() // head_dim * keys * (head_dim + value_dim)
     if not needs_grad(q, k, v, bias) and _tuning.worth_tuning(macs, backward=False):
         bias_shape = None if bias is None else tuple(bias.shape)
         threads = torch.get_num_threads()
-        key = ("attention", batch, heads, queries, keys, head_dim, value_dim, bias_shape, q.dtype, threads)
+        key = ("attention", *lead, queries, keys, head_dim, value_dim, bias_shape, q.dtype, threads)
 
         def candidates():
             return {

@@ -74,11 +74,12 @@ REGISTRY = Registry(
 )
 
 
-def implementation(op: str, q: torch.Tensor, v: torch.Tensor, bias_mode: int) -> str:
+def implementation(op: str, q: torch.Tensor, v: torch.Tensor, bias_mode: int, has_mask: bool = False) -> str:
     """The name of the implementation that the attention op ``op`` runs for query and value tensors like ``q``
-    and ``v`` under the backend in force: what a module needs to know to decide what to cache."""
+    and ``v`` (and a shifted-window mask when ``has_mask``) under the backend in force: what a module needs to know
+    to decide what to cache."""
     call = Call(q.device, q.dtype, {"op": op, "bias_mode": bias_mode, "head_dim": q.shape[-1],
-                                    "value_dim": v.shape[-1], "keys": v.shape[-2]})
+                                    "value_dim": v.shape[-1], "keys": v.shape[-2], "has_mask": has_mask})
     return REGISTRY.select(call).name
 
 
@@ -114,6 +115,7 @@ def rel_pos_attention(
     table: torch.Tensor,
     window: int | tuple[int, int],
     scale: float | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention with a relative-position bias table (CoAtNet, Swin), gathered inside the kernel.
 
@@ -123,6 +125,10 @@ def rel_pos_attention(
             its strides, so a transposed view works without a copy.
         window: (Wh, Ww) or an int for a square window.
         scale: defaults to D ** -0.5.
+        mask: None or (num_windows, N, N) in q's dtype, B a multiple of num_windows: added to the scores of batch
+            entry b as mask[b % num_windows] (Swin's shifted windows, 0 / large negative or -inf; timm
+            ``swin_transformer.WindowAttention``). No gradient; read inside the kernel, never expanded to
+            (B, heads, N, N). A query row whose every score is -inf gives zeros.
 
     Returns:
         (B, heads, N, Dv).
@@ -136,12 +142,29 @@ def rel_pos_attention(
         raise ValueError(f"k: expected Wh*Ww = {tokens} tokens for window {(wh, ww)}, got {k.shape[2]}")
     _check_bias_table("table", table, q, ((2 * wh - 1) * (2 * ww - 1), q.shape[1]))
     scale = check_scale(scale)
-    impl = implementation("rel_pos_attention", q, v, BIAS_REL_POS)
+    if mask is not None:
+        _check_window_mask(mask, q, tokens)
+    impl = implementation("rel_pos_attention", q, v, BIAS_REL_POS, has_mask=mask is not None)
     if impl == "eager":
-        return reference.rel_pos_attention(q, k, v, table, (wh, ww), scale)
+        return reference.rel_pos_attention(q, k, v, table, (wh, ww), scale, mask)
     if impl == "cpu":
-        return cpu.attention.rel_pos_attention(q, k, v, table, (wh, ww), scale)
-    return custom_ops.attention.attention(q, k, v, table, BIAS_REL_POS, [wh, ww], scale, impl)
+        return cpu.attention.rel_pos_attention(q, k, v, table, (wh, ww), scale, mask)
+    mask = None if mask is None else mask.contiguous()
+    return custom_ops.attention.attention(q, k, v, table, BIAS_REL_POS, [wh, ww], scale, impl, mask)
+
+
+def _check_window_mask(mask: torch.Tensor, q: torch.Tensor, tokens: int) -> None:
+    check_tensor("mask", mask, ndim=3)
+    check_like("mask", mask, "q", q)
+    if tuple(mask.shape[1:]) != (tokens, tokens):
+        raise ValueError(f"mask: expected shape (num_windows, {tokens}, {tokens}), got {tuple(mask.shape)}")
+    if mask.shape[0] < 1 or q.shape[0] % mask.shape[0]:
+        raise ValueError(
+            f"mask: expected num_windows dividing the batch {q.shape[0]} of q, got {mask.shape[0]} windows"
+        )
+    if mask.requires_grad:
+        raise ValueError("mask: expected a tensor that does not require grad (the mask takes no gradient), got one "
+                         "that does")
 
 
 def levit_attention(

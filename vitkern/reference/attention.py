@@ -65,6 +65,12 @@ def biased_attention(
     return torch.matmul(attn, v)
 
 
+def window_mask_bias(mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """A (num_windows, Nq, Nk) mask as the (batch, 1, Nq, Nk) bias that adds mask[b % num_windows] to batch entry b
+    (Swin's shifted windows, timm ``swin_transformer.WindowAttention``: windows of one image are consecutive)."""
+    return mask.repeat(batch // mask.shape[0], 1, 1).unsqueeze(1)
+
+
 def rel_pos_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,8 +78,14 @@ def rel_pos_attention(
     table: torch.Tensor,
     window: tuple[int, int],
     scale: float | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return biased_attention(q, k, v, rel_pos_bias(table, window).unsqueeze(0), scale)
+    """Relative-position-biased attention; ``mask`` (num_windows, N, N), if given, is added to batch entry b's scores
+    as mask[b % num_windows]."""
+    bias = rel_pos_bias(table, window).unsqueeze(0)
+    if mask is not None:
+        bias = bias + window_mask_bias(mask, q.shape[0])
+    return biased_attention(q, k, v, bias, scale)
 
 
 def levit_attention(
