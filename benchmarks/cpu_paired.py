@@ -66,7 +66,7 @@ def model_cases(rounds: int, names: list[str]) -> None:
         model = create_model(name, num_classes=models_bench.NUM_CLASSES).eval()
         x = torch.randn(models_bench.BATCH, 3, models_bench.IMG, models_bench.IMG)
 
-        def run(backend: str):
+        def run(backend: str, model=model, x=x):
             @torch.no_grad()
             def step() -> None:
                 with vitkern.backend(backend):

@@ -418,7 +418,7 @@ def measurements(check: Check) -> list[Measurement]:
         for impl, backend, kind in impls + [("FlexAttention", "auto", "flex")]:
 
             # one callable for every input copy: FlexAttention is compiled once per measurement
-            def make(case=case, backward=backward, backend=backend, fn=attention_bench.attention_fn(case, kind)):
+            def make(case=case, backward=backward, backend=backend, fn=attention_bench.attention_fn(case, kind)):  # noqa: B008
                 inputs = attention_bench.make_inputs(case)
                 return _step(fn, list(inputs), backward, backend), _nbytes(inputs)
 

@@ -5,7 +5,8 @@ Runs the public ops on backend ``cuda``: CUDA tensors on a GPU, the emulation bu
 GPU check's dry run, which runs this file without a sanitizer). Shapes are small so that the sanitizer's slowdown
 stays within its time cap, but they cover what changes a kernel's path: both memory formats, kernel sizes below and
 above a tile, stride 2 and dilation 2, the full epilogue, and a row width that is not a multiple of the vector
-width. An op that has no CUDA C++ kernel (its error says "has no CUDA C++") is skipped and named. Exit status 0 unless an op raised something else.
+width. An op that has no CUDA C++ kernel (its error says "has no CUDA C++") is skipped and named.
+Exit status 0 unless an op raised something else.
 
 ``python benchmarks/gpu_sanitize.py``
 """

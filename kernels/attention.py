@@ -758,7 +758,8 @@ def attention_bwd(
         *q.stride(), *k.stride(), *v.stride(), *bias_strides,
         *(ds_target.stride() if dense_grad else (0, 0, 0, 0)),
         heads, nq, nk, d, dv_dim, scale, *grid_args, num_windows,
-        BIAS_MODE=bias_mode, HAS_MASK=mask is not None, BIAS_GRAD=dense_grad, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **config,
+        BIAS_MODE=bias_mode, HAS_MASK=mask is not None, BIAS_GRAD=dense_grad, num_stages=NUM_STAGES,
+        maxnreg=MAX_REGISTERS, **config,
     )
     _attention_bwd_dkdv_kernel[(triton.cdiv(nk, config["BLOCK_N"]), batch * heads)](
         dout, q, k, v, lse, delta, bias_arg, mask_arg, dk, dv,

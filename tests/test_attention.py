@@ -4,7 +4,8 @@ against the plain-PyTorch reference: forward and every gradient, for every bias 
 Also: the reference's gathered biases against the seed articles' index code written out here, gradcheck of the
 reference in fp64, bitwise determinism of the table gradients, an allocation check (no (B, H, Nq, Nk) buffer in the
 fused paths, forward or backward), fully masked rows, ``torch.library.opcheck`` of the custom ops, and bad input.
-On a machine without a GPU the kernels run under the Triton interpreter (the repository's conftest.py), so shapes stay small.
+On a machine without a GPU the kernels run under the Triton interpreter (the repository's conftest.py), so shapes
+stay small.
 """
 
 from __future__ import annotations

@@ -88,7 +88,9 @@ def test_kernels_under_address_sanitizer(tmp_path):
 
 @pytest.fixture(scope="module")
 def emu():
-    require_build(emulation_module() is not None, "vitkern._emulation is not built: build with VITKERN_BUILD_EMULATION=1 (README)")
+    require_build(
+        emulation_module() is not None, "vitkern._emulation is not built: build with VITKERN_BUILD_EMULATION=1 (README)"
+    )
     return torch.ops.vitkern_emu
 
 

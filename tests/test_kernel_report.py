@@ -281,7 +281,9 @@ __global__ void local_array(float* x, int k) {
 
 def test_cuda_binary_figures_match_nvcc(tmp_path):
     nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
-    require_build(nvcc.is_file(), f"nvcc not found at {nvcc}: set CUDA_HOME to the CUDA toolkit (it also builds vitkern._C)")
+    require_build(
+        nvcc.is_file(), f"nvcc not found at {nvcc}: set CUDA_HOME to the CUDA toolkit (it also builds vitkern._C)"
+    )
     source = tmp_path / "kernels.cu"
     source.write_text(CUDA_SOURCE)
     binary = tmp_path / "kernels.fatbin"

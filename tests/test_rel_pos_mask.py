@@ -33,7 +33,9 @@ def reference_grads(q, k, v, table, window, mask, dout):
 
 
 @pytest.mark.parametrize("masked", [-100.0, float("-inf")])
-@pytest.mark.parametrize("batch,num_windows,window,head_dim", [(4, 2, (3, 3), 8), (6, 3, (4, 5), 16), (2, 1, (2, 2), 4)])
+@pytest.mark.parametrize(
+    "batch,num_windows,window,head_dim", [(4, 2, (3, 3), 8), (6, 3, (4, 5), 16), (2, 1, (2, 2), 4)]
+)
 def test_triton_kernels_with_mask(batch, num_windows, window, head_dim, masked):
     heads = 2
     q, k, v, table = inputs(batch, heads, window, head_dim)

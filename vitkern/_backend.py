@@ -36,6 +36,9 @@ def _check_name(name: str) -> str:
     return name
 
 
+# torch.compile reads the backend once, when it traces (some torch releases cannot trace ContextVar.get): a graph
+# keeps the backend it was compiled under.
+@torch.compiler.assume_constant_result
 def current_backend() -> str:
     """The backend in force: the innermost ``vitkern.backend(...)``, else ``$VITKERN_BACKEND``, else ``auto``."""
     name = _current.get()

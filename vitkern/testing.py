@@ -39,7 +39,9 @@ def assert_close(
     if not torch.isfinite(actual).all():
         raise AssertionError(f"{name}: non-finite values in the result")
     if actual.dtype == torch.float32 or actual.dtype == torch.float64:
-        torch.testing.assert_close(actual, reference_fp32.to(actual.dtype), rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            actual, reference_fp32.to(actual.dtype), rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}"
+        )
         return
     if reference_same_dtype is None:
         raise ValueError(f"{name}: a {actual.dtype} result needs the same-dtype reference for the error bound")

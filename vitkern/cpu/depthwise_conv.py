@@ -18,7 +18,8 @@ NCHW_SLOW_KERNEL_WIDTH = 15
 
 
 def depthwise_conv2d(x, weight, bias, stride, pads, dilation, out_size, activation, scale, shift, residual):
-    """The ``auto`` path on CPU tensors, on arguments the op has checked: F.conv2d, then the plain epilogue on the fresh output (never on an input).
+    """The ``auto`` path on CPU tensors, on arguments the op has checked: F.conv2d, then the plain epilogue on the
+    fresh output (never on an input).
 
     The convolution runs in whichever memory format is faster for this problem, forward and backward chosen apart
     (vitkern._tuning measures both formats once per signature); the output keeps x's format. Without gradients the
