@@ -48,9 +48,18 @@ def _backend_builds(request):
 # hypothesis profiles for tests/test_fuzz.py: "ci" (the default) draws a fixed, bounded set of examples so that a run
 # is reproducible and short; `pytest --hypothesis-profile=long` draws many more, from a fresh seed each run.
 settings.register_profile(
-    "ci", max_examples=30, derandomize=True, deadline=None, print_blob=True,
+    "ci",
+    max_examples=30,
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "long",
+    max_examples=1000,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.load_profile("ci")

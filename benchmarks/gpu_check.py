@@ -201,8 +201,9 @@ def run_capped(check: Check, command: list[str], seconds: float, log_name: str) 
     log = check.out / log_name
     with open(log, "w", encoding="utf-8") as sink:
         try:
-            proc = subprocess.run(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, timeout=seconds,
-                                  check=False)
+            proc = subprocess.run(
+                command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, timeout=seconds, check=False
+            )
             status = proc.returncode
         except subprocess.TimeoutExpired:
             status = None
@@ -265,8 +266,18 @@ def stage_sanitizer(check: Check) -> list[dict]:
     for i, tool in enumerate(tools):
         seconds = check.budget("sanitizer") / (len(tools) - i)
         # Only vitkern's kernels (namespace vitkern) are instrumented: torch's own would multiply the time.
-        command = [sanitizer, "--tool", tool, "--error-exitcode", "1", "--print-limit", "20",
-                   "--kernel-name", "kns=vitkern", *driver]
+        command = [
+            sanitizer,
+            "--tool",
+            tool,
+            "--error-exitcode",
+            "1",
+            "--print-limit",
+            "20",
+            "--kernel-name",
+            "kns=vitkern",
+            *driver,
+        ]
         started = time.time()
         status, output = run_capped(check, command, seconds, f"sanitizer_{tool}.log")
         summary = _last_line(output)
@@ -380,8 +391,12 @@ def _attention_traffic(case, nbytes: int, backward: bool) -> tuple[float, float]
     """(bytes, FLOPs) a fused attention cannot avoid: q, k, v read and out written once (with the backward: dout,
     q, k, v, out read again, dq, dk, dv written); the FLOPs of the two matmuls, times 3.5 with the backward."""
     flops = 2.0 * case.batch * case.heads * case.queries * case.keys * (case.head_dim + case.value_dim)
-    qkv_out = (case.queries * case.head_dim + case.keys * (case.head_dim + case.value_dim)
-               + case.queries * case.value_dim) * case.batch * case.heads * nbytes
+    qkv_out = (
+        (case.queries * case.head_dim + case.keys * (case.head_dim + case.value_dim) + case.queries * case.value_dim)
+        * case.batch
+        * case.heads
+        * nbytes
+    )
     if backward:
         return 3.0 * qkv_out, flops * attention_bench.BACKWARD_FLOP_FACTOR
     return float(qkv_out), flops
@@ -397,8 +412,9 @@ def measurements(check: Check) -> list[Measurement]:
             probe = _conv_inputs(check, shape, layout, backward=False)
             traffic = conv_bench._traffic(shape, probe, backward)
             impls = [(f"vitkern {b}", b, conv_bench._vitkern_block) for b in vitkern_backends]
-            impls.append(("cuDNN F.conv2d" if check.device.type == "cuda" else "F.conv2d", "auto",
-                          conv_bench._torch_block))
+            impls.append(
+                ("cuDNN F.conv2d" if check.device.type == "cuda" else "F.conv2d", "auto", conv_bench._torch_block)
+            )
             for impl, backend, block in impls:
 
                 def make(shape=shape, layout=layout, backward=backward, backend=backend, block=block):
@@ -407,8 +423,9 @@ def measurements(check: Check) -> list[Measurement]:
                     fn = lambda *args: block(**dict(zip(names, args)))  # noqa: E731
                     return _step(fn, list(tensors.values()), backward, backend), _nbytes(tensors.values())
 
-                checker = _check_conv(check, shape, layout, backend) if impl.startswith("vitkern") and not backward \
-                    else None
+                checker = (
+                    _check_conv(check, shape, layout, backend) if impl.startswith("vitkern") and not backward else None
+                )
                 rows.append(Measurement(shape.name, "depthwise_conv2d", mode, impl, layout, make, traffic, checker))
     for case, mode in ((c, m) for c in _attention_cases(check) for m in MODES):
         backward = mode == "fwd+bwd"
@@ -416,7 +433,6 @@ def measurements(check: Check) -> list[Measurement]:
         traffic = _attention_traffic(case, torch.finfo(check.dtype).bits // 8, backward)
         impls = [(f"vitkern {b}", b, "vitkern") for b in vitkern_backends] + [("SDPA + bias", "auto", "sdpa")]
         for impl, backend, kind in impls + [("FlexAttention", "auto", "flex")]:
-
             # one callable for every input copy: FlexAttention is compiled once per measurement
             def make(case=case, backward=backward, backend=backend, fn=attention_bench.attention_fn(case, kind)):  # noqa: B008
                 inputs = attention_bench.make_inputs(case)
@@ -439,9 +455,23 @@ def stage_timings(check: Check, ceilings: dict[str, float]) -> list[dict]:
     end = time.time() + check.budget("timings")
     results = []
     for index, m in enumerate(todo):
-        row = {"shape": m.shape, "op": m.op, "mode": m.mode, "impl": m.impl, "layout": m.layout,
-               "dtype": str(check.dtype).removeprefix("torch."), "median_us": None, "runs": 0, "GBps": None,
-               "TFLOPps": None, "of_copy": None, "of_matmul": None, "estimate_us": None, "check": "", "note": ""}
+        row = {
+            "shape": m.shape,
+            "op": m.op,
+            "mode": m.mode,
+            "impl": m.impl,
+            "layout": m.layout,
+            "dtype": str(check.dtype).removeprefix("torch."),
+            "median_us": None,
+            "runs": 0,
+            "GBps": None,
+            "TFLOPps": None,
+            "of_copy": None,
+            "of_matmul": None,
+            "estimate_us": None,
+            "check": "",
+            "note": "",
+        }
         results.append(row)
         left = end - time.time()
         if left <= 0:
@@ -472,8 +502,9 @@ def stage_timings(check: Check, ceilings: dict[str, float]) -> list[dict]:
                 torch.cuda.empty_cache()
         median = statistics.median(times)
         nbytes_moved, flops = m.traffic
-        row.update(median_us=median * 1e6, runs=len(times), GBps=nbytes_moved / median / 1e9,
-                   TFLOPps=flops / median / 1e12)
+        row.update(
+            median_us=median * 1e6, runs=len(times), GBps=nbytes_moved / median / 1e9, TFLOPps=flops / median / 1e12
+        )
         row["of_copy"] = row["GBps"] / ceilings["copy_GBps"]
         row["of_matmul"] = row["TFLOPps"] / ceilings["matmul_TFLOPps"]
         check.say(f"stage 5: {m.shape} {m.mode} {m.impl} {m.layout}: {row['median_us']:.1f} us")
@@ -494,8 +525,13 @@ def start_perf_model(check: Check) -> subprocess.Popen | str:
         return "no estimate column: the dry run does not run the perf model"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it compiles for sm_90
     with open(check.out / "perf_model.log", "w", encoding="utf-8") as log:
-        return subprocess.Popen([sys.executable, "-m", PERF_MODEL, "--json", str(check.out / "perf_model.json")],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", PERF_MODEL, "--json", str(check.out / "perf_model.json")],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
 
 _DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -519,9 +555,12 @@ def match_estimates(rows: list[dict], estimates: list[dict]) -> int:
         backend = row["impl"].split()[1]
         layouts = _NO_LAYOUT if row["layout"] == "-" else {row["layout"]}
         picked = [
-            e["estimate_us"] for e in estimates
-            if _norm(e.get("shape")) == row["shape"] and _norm(e.get("backend")) == backend
-            and _norm(e.get("dtype")) == row["dtype"] and _norm(e.get("layout", "-")) in layouts
+            e["estimate_us"]
+            for e in estimates
+            if _norm(e.get("shape")) == row["shape"]
+            and _norm(e.get("backend")) == backend
+            and _norm(e.get("dtype")) == row["dtype"]
+            and _norm(e.get("layout", "-")) in layouts
             and (row["mode"] == "fwd+bwd" or "fwd" in _norm(e.get("kernel")) or "forward" in _norm(e.get("kernel")))
         ]
         if picked:
@@ -554,8 +593,10 @@ def _fmt(value, spec: str) -> str:
 
 
 def results_table(rows: list[dict]) -> str:
-    header = ("| shape | op | mode | implementation | layout | median us | GB/s | TFLOP/s | of copy | of matmul "
-              "| estimate us | check | note |")
+    header = (
+        "| shape | op | mode | implementation | layout | median us | GB/s | TFLOP/s | of copy | of matmul "
+        "| estimate us | check | note |"
+    )
     lines = [header, "| " + " | ".join(["---"] * (header.count("|") - 1)) + " |"]
     for r in rows:
         lines.append(
@@ -590,7 +631,7 @@ def write_plot(rows: list[dict], path: Path) -> str:
         ax.set_title(f"{shape} {mode}", fontsize=9)
         ax.set_xlabel("median us")
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(groups):]:
+    for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -622,26 +663,43 @@ def stage_results(check: Check, env, ceilings, tests, sanitizer, rows, estimate_
         "",
         ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("date", "device")),
         "",
-        (f"Ceilings: copy {ceilings['copy_GBps']:.4g} GB/s (read + write), matmul "
-         f"{ceilings['matmul_TFLOPps']:.4g} TFLOP/s. Verdict: {verdict}."),
+        (
+            f"Ceilings: copy {ceilings['copy_GBps']:.4g} GB/s (read + write), matmul "
+            f"{ceilings['matmul_TFLOPps']:.4g} TFLOP/s. Verdict: {verdict}."
+        ),
         "",
         *[f"- tests ({t['set']}): {t['status']}: {t['summary']}" for t in tests],
-        *[f"- sanitizer {s['tool']}: {s['status']}" + (f": {s['summary']}" if s.get("summary") else "")
-          for s in sanitizer],
+        *[
+            f"- sanitizer {s['tool']}: {s['status']}" + (f": {s['summary']}" if s.get("summary") else "")
+            for s in sanitizer
+        ],
         f"- {estimate_note}; {plot_note}",
         "",
-        ("Median of single calls timed with CUDA events (perf_counter on the CPU) after warm-up, inputs rotated past "
-         "the L2 cache on the GPU. GB/s and "
-         "TFLOP/s count the bytes and FLOPs a fused implementation cannot avoid; 'of copy' and 'of matmul' divide "
-         "them by the ceilings above."),
+        (
+            "Median of single calls timed with CUDA events (perf_counter on the CPU) after warm-up, inputs rotated "
+            "past the L2 cache on the GPU. GB/s and TFLOP/s count the bytes and FLOPs a fused implementation cannot "
+            "avoid; 'of copy' and 'of matmul' divide "
+            "them by the ceilings above."
+        ),
         "",
         table,
         "",
     ]
     (check.out / "results.md").write_text("\n".join(md), encoding="utf-8")
     (check.out / "results.json").write_text(
-        json.dumps({"environment": env, "ceilings": ceilings, "tests": tests, "sanitizer": sanitizer,
-                    "timings": rows, "verdict": verdict, "log": check.log}, indent=1) + "\n",
+        json.dumps(
+            {
+                "environment": env,
+                "ceilings": ceilings,
+                "tests": tests,
+                "sanitizer": sanitizer,
+                "timings": rows,
+                "verdict": verdict,
+                "log": check.log,
+            },
+            indent=1,
+        )
+        + "\n",
         encoding="utf-8",
     )
     check.say("== stage 6: results in " + str(check.out) + f" ({plot_note})")
@@ -664,8 +722,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     check = Check(args.dry_run, args.out, started + total, device, dtype)
     env = environment(check)
-    check.say(f"GPU check on {env['device']}: torch {env['torch']}, triton {env['triton']}, {env['run']}; "
-              f"backends {vitkern.available_backends()}")
+    check.say(
+        f"GPU check on {env['device']}: torch {env['torch']}, triton {env['triton']}, {env['run']}; "
+        f"backends {vitkern.available_backends()}"
+    )
     torch.manual_seed(0)
     perf_model = start_perf_model(check)
     ceilings = stage_ceilings(check)

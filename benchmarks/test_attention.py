@@ -271,8 +271,14 @@ def test_attention(benchmark, case: Case, impl: str, mode: str) -> None:
 
     benchmark.group = f"{case.name}-{mode}"
     benchmark.extra_info.update(
-        batch=case.batch, heads=case.heads, queries=case.queries, keys=case.keys, head_dim=case.head_dim,
-        value_dim=case.value_dim, dtype=str(DTYPE), device=DEVICE.type,
+        batch=case.batch,
+        heads=case.heads,
+        queries=case.queries,
+        keys=case.keys,
+        head_dim=case.head_dim,
+        value_dim=case.value_dim,
+        dtype=str(DTYPE),
+        device=DEVICE.type,
         scores_bytes=case.batch * case.heads * case.queries * case.keys * q.element_size(),
     )
     long_on_cpu = case.keys >= LONG_TOKENS and not ON_CUDA

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from vitkern.kernels._specs import REPORT_DTYPES, TRITON_DTYPES, KernelSpec
 from vitkern.kernels.contract import BIAS_DENSE, BIAS_LEVIT, BIAS_MODES, BIAS_REL_POS, MAX_HEAD_DIM
+
 LOG2E = tl.constexpr(1.4426950408889634)
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
 SHORT_TOKENS = 16  # up to this many tokens a 16 x 16 tile holds the whole sequence
@@ -209,8 +210,17 @@ def _attention_fwd_kernel(
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         if BIAS_MODE != 0:
             s += LOG2E * _bias_tile(
-                bias_ptr, rows, kj, (rows < NQ) & (kj < NK), stride_biasm, stride_biasn,
-                q_grid_w, k_grid_w, q_step, win_h, BIAS_MODE,
+                bias_ptr,
+                rows,
+                kj,
+                (rows < NQ) & (kj < NK),
+                stride_biasm,
+                stride_biasn,
+                q_grid_w,
+                k_grid_w,
+                q_step,
+                win_h,
+                BIAS_MODE,
             )
         if HAS_MASK:
             s += LOG2E * _mask_tile(attn_mask_ptr, rows, kj, (rows < NQ) & (kj < NK), NK)
@@ -326,8 +336,17 @@ def _attention_bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         if BIAS_MODE != 0:
             s += LOG2E * _bias_tile(
-                bias_ptr, rows, kj, mask, stride_biasm, stride_biasn,
-                q_grid_w, k_grid_w, q_step, win_h, BIAS_MODE,
+                bias_ptr,
+                rows,
+                kj,
+                mask,
+                stride_biasm,
+                stride_biasn,
+                q_grid_w,
+                k_grid_w,
+                q_step,
+                win_h,
+                BIAS_MODE,
             )
         if HAS_MASK:
             s += LOG2E * _mask_tile(attn_mask_ptr, rows, kj, mask, NK)
@@ -423,8 +442,17 @@ def _attention_bwd_dkdv_kernel(
         s_t = tl.dot(k, q_t, input_precision="ieee") * qk_scale
         if BIAS_MODE != 0:
             s_t += LOG2E * _bias_tile(
-                bias_ptr, qi, keys, mask, stride_biasm, stride_biasn,
-                q_grid_w, k_grid_w, q_step, win_h, BIAS_MODE,
+                bias_ptr,
+                qi,
+                keys,
+                mask,
+                stride_biasm,
+                stride_biasn,
+                q_grid_w,
+                k_grid_w,
+                q_step,
+                win_h,
+                BIAS_MODE,
             )
         if HAS_MASK:
             s_t += LOG2E * _mask_tile(attn_mask_ptr, qi, keys, mask, NK)
@@ -433,10 +461,16 @@ def _attention_bwd_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision="ieee")
-    tl.store(dk_ptr + pid_bh * NK * D + keys * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=(keys < NK) & (offs_d[None, :] < D))
-    tl.store(dv_ptr + pid_bh * NK * DV + keys * DV + offs_dv[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=(keys < NK) & (offs_dv[None, :] < DV))
+    tl.store(
+        dk_ptr + pid_bh * NK * D + keys * D + offs_d[None, :],
+        (dk * scale).to(dk_ptr.dtype.element_ty),
+        mask=(keys < NK) & (offs_d[None, :] < D),
+    )
+    tl.store(
+        dv_ptr + pid_bh * NK * DV + keys * DV + offs_dv[None, :],
+        dv.to(dv_ptr.dtype.element_ty),
+        mask=(keys < NK) & (offs_dv[None, :] < DV),
+    )
 
 
 @triton.jit
@@ -552,20 +586,41 @@ def _attention_bwd_table_kernel(
                         qi = q_rows[:, None]
                         kj = k_rows[None, :]
                         mask = q_ok[:, None] & k_ok[None, :]
-                        q = tl.load(base_q + qi * stride_qn + offs_d[None, :] * stride_qd,
-                                    mask=q_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                        do = tl.load(dout_ptr + bh * NQ * DV + qi * DV + offs_dv[None, :],
-                                     mask=q_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                        k = tl.load(base_k + k_rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                                    mask=k_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                        v = tl.load(base_v + k_rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                                    mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                        q = tl.load(
+                            base_q + qi * stride_qn + offs_d[None, :] * stride_qd,
+                            mask=q_ok[:, None] & (offs_d[None, :] < D),
+                            other=0.0,
+                        )
+                        do = tl.load(
+                            dout_ptr + bh * NQ * DV + qi * DV + offs_dv[None, :],
+                            mask=q_ok[:, None] & (offs_dv[None, :] < DV),
+                            other=0.0,
+                        )
+                        k = tl.load(
+                            base_k + k_rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=k_ok[:, None] & (offs_d[None, :] < D),
+                            other=0.0,
+                        )
+                        v = tl.load(
+                            base_v + k_rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                            mask=k_ok[:, None] & (offs_dv[None, :] < DV),
+                            other=0.0,
+                        )
                         lse2 = _safe_lse2(lse_ptr + bh * NQ, q_rows, NQ)
                         delta = tl.load(delta_ptr + bh * NQ + q_rows, mask=q_ok, other=0.0)
                         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
                         s += LOG2E * _bias_tile(
-                            bias_base, qi, kj, mask, stride_biasm, 0,
-                            q_grid_w, k_grid_w, q_step, win_h, BIAS_MODE,
+                            bias_base,
+                            qi,
+                            kj,
+                            mask,
+                            stride_biasm,
+                            0,
+                            q_grid_w,
+                            k_grid_w,
+                            q_step,
+                            win_h,
+                            BIAS_MODE,
                         )
                         if HAS_MASK:
                             window_mask = attn_mask_ptr + (bb % num_windows) * NQ * NK
@@ -652,15 +707,39 @@ def _geometry(bias_mode: int, geometry: list[int]) -> dict[str, int]:
     window height, and the row / column offset counts of the table gradient."""
     if bias_mode == BIAS_REL_POS:
         wh, ww = geometry
-        return {"q_grid_w": ww, "k_grid_w": ww, "q_step": 1, "win_h": wh, "q_grid_h": wh, "k_grid_h": wh,
-                "num_dy": 2 * wh - 1, "num_bins": 2 * ww - 1}
+        return {
+            "q_grid_w": ww,
+            "k_grid_w": ww,
+            "q_step": 1,
+            "win_h": wh,
+            "q_grid_h": wh,
+            "k_grid_h": wh,
+            "num_dy": 2 * wh - 1,
+            "num_bins": 2 * ww - 1,
+        }
     if bias_mode == BIAS_LEVIT:
         res, stride = geometry
         res_q = (res - 1) // stride + 1
-        return {"q_grid_w": res_q, "k_grid_w": res, "q_step": stride, "win_h": res, "q_grid_h": res_q,
-                "k_grid_h": res, "num_dy": res, "num_bins": res}
-    return {"q_grid_w": 1, "k_grid_w": 1, "q_step": 1, "win_h": 1, "q_grid_h": 1, "k_grid_h": 1,
-            "num_dy": 1, "num_bins": 1}
+        return {
+            "q_grid_w": res_q,
+            "k_grid_w": res,
+            "q_step": stride,
+            "win_h": res,
+            "q_grid_h": res_q,
+            "k_grid_h": res,
+            "num_dy": res,
+            "num_bins": res,
+        }
+    return {
+        "q_grid_w": 1,
+        "k_grid_w": 1,
+        "q_step": 1,
+        "win_h": 1,
+        "q_grid_h": 1,
+        "k_grid_h": 1,
+        "num_dy": 1,
+        "num_bins": 1,
+    }
 
 
 def _bias_strides(bias: torch.Tensor | None, bias_mode: int) -> tuple[int, int, int, int]:
@@ -708,10 +787,30 @@ def attention_fwd(
     grid = (triton.cdiv(nq, config["BLOCK_M"]), batch * heads)
     mask_arg, num_windows = _mask_args(mask, q)
     _attention_fwd_kernel[grid](
-        q, k, v, q if bias is None else bias, mask_arg, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias, bias_mode),
-        heads, nq, nk, d, dv, scale, *_grid_args(bias_mode, geometry), num_windows,
-        BIAS_MODE=bias_mode, HAS_MASK=mask is not None, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **config,
+        q,
+        k,
+        v,
+        q if bias is None else bias,
+        mask_arg,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *_bias_strides(bias, bias_mode),
+        heads,
+        nq,
+        nk,
+        d,
+        dv,
+        scale,
+        *_grid_args(bias_mode, geometry),
+        num_windows,
+        BIAS_MODE=bias_mode,
+        HAS_MASK=mask is not None,
+        num_stages=NUM_STAGES,
+        maxnreg=MAX_REGISTERS,
+        **config,
     )
     return out, lse
 
@@ -754,18 +853,65 @@ def attention_bwd(
         same_shape = tuple(bias.shape) == full_shape
         ds_target = torch.empty(full_shape, dtype=bias.dtype if same_shape else torch.float32, device=q.device)
     _attention_bwd_dq_kernel[(triton.cdiv(nq, config["BLOCK_M"]), batch * heads)](
-        dout, q, k, v, out, lse, delta, bias_arg, mask_arg, dq, ds_target,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        delta,
+        bias_arg,
+        mask_arg,
+        dq,
+        ds_target,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *bias_strides,
         *(ds_target.stride() if dense_grad else (0, 0, 0, 0)),
-        heads, nq, nk, d, dv_dim, scale, *grid_args, num_windows,
-        BIAS_MODE=bias_mode, HAS_MASK=mask is not None, BIAS_GRAD=dense_grad, num_stages=NUM_STAGES,
-        maxnreg=MAX_REGISTERS, **config,
+        heads,
+        nq,
+        nk,
+        d,
+        dv_dim,
+        scale,
+        *grid_args,
+        num_windows,
+        BIAS_MODE=bias_mode,
+        HAS_MASK=mask is not None,
+        BIAS_GRAD=dense_grad,
+        num_stages=NUM_STAGES,
+        maxnreg=MAX_REGISTERS,
+        **config,
     )
     _attention_bwd_dkdv_kernel[(triton.cdiv(nk, config["BLOCK_N"]), batch * heads)](
-        dout, q, k, v, lse, delta, bias_arg, mask_arg, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides,
-        heads, nq, nk, d, dv_dim, scale, *grid_args, num_windows,
-        BIAS_MODE=bias_mode, HAS_MASK=mask is not None, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **config,
+        dout,
+        q,
+        k,
+        v,
+        lse,
+        delta,
+        bias_arg,
+        mask_arg,
+        dk,
+        dv,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *bias_strides,
+        heads,
+        nq,
+        nk,
+        d,
+        dv_dim,
+        scale,
+        *grid_args,
+        num_windows,
+        BIAS_MODE=bias_mode,
+        HAS_MASK=mask is not None,
+        num_stages=NUM_STAGES,
+        maxnreg=MAX_REGISTERS,
+        **config,
     )
     if not bias_grad:
         dbias = q.new_empty(0)
@@ -791,12 +937,39 @@ def _table_grad(dout, q, k, v, lse, delta, bias, mask, bias_mode, geometry, scal
     partial = torch.empty((chunks, heads, geo["num_dy"], geo["num_bins"]), dtype=torch.float32, device=q.device)
     mask_arg, num_windows = _mask_args(mask, q)
     _attention_bwd_table_kernel[(heads, geo["num_dy"], g_blocks * chunks)](
-        dout, q, k, v, lse, delta, bias, mask_arg, partial,
-        *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias, bias_mode)[1:3],
-        batch, heads, nq, nk, d, dv, scale,
-        geo["q_grid_w"], geo["k_grid_w"], geo["q_step"], geo["win_h"], geo["q_grid_h"], geo["k_grid_h"],
-        geo["num_bins"], batch_per_chunk, num_windows,
-        BIAS_MODE=bias_mode, HAS_MASK=mask is not None, maxnreg=MAX_REGISTERS, **config,
+        dout,
+        q,
+        k,
+        v,
+        lse,
+        delta,
+        bias,
+        mask_arg,
+        partial,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *_bias_strides(bias, bias_mode)[1:3],
+        batch,
+        heads,
+        nq,
+        nk,
+        d,
+        dv,
+        scale,
+        geo["q_grid_w"],
+        geo["k_grid_w"],
+        geo["q_step"],
+        geo["win_h"],
+        geo["q_grid_h"],
+        geo["k_grid_h"],
+        geo["num_bins"],
+        batch_per_chunk,
+        num_windows,
+        BIAS_MODE=bias_mode,
+        HAS_MASK=mask is not None,
+        maxnreg=MAX_REGISTERS,
+        **config,
     )
     grad = (partial.sum(0) if chunks > 1 else partial[0]).reshape(heads, -1)
     if bias_mode == BIAS_REL_POS:
@@ -825,8 +998,16 @@ def _signature(fn, dtype_name: str, constexprs: dict) -> dict[str, str]:
 
 def _spec(name, fn, dtype, constexprs, num_warps, num_stages=NUM_STAGES):
     dtype_name = TRITON_DTYPES[dtype]
-    return KernelSpec(name=name, fn=fn, signature=_signature(fn, dtype_name, constexprs), constexprs=constexprs,
-                      num_warps=num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS, meta={"dtype": dtype_name})
+    return KernelSpec(
+        name=name,
+        fn=fn,
+        signature=_signature(fn, dtype_name, constexprs),
+        constexprs=constexprs,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        maxnreg=MAX_REGISTERS,
+        meta={"dtype": dtype_name},
+    )
 
 
 def _configs(config_fn, block: int, dtype: torch.dtype) -> list[dict[str, int]]:
@@ -845,19 +1026,47 @@ def report_specs() -> list[KernelSpec]:
             switches = {"BIAS_MODE": mode, "HAS_MASK": has_mask}
             for config in _configs(_fwd_config, block, dtype):
                 warps = config.pop("num_warps")
-                specs.append(_spec(f"attention_fwd_{tag}_t{config['BLOCK_M']}", _attention_fwd_kernel, dtype,
-                                   {**switches, **config}, warps))
+                specs.append(
+                    _spec(
+                        f"attention_fwd_{tag}_t{config['BLOCK_M']}",
+                        _attention_fwd_kernel,
+                        dtype,
+                        {**switches, **config},
+                        warps,
+                    )
+                )
             for config in _configs(_bwd_config, block, dtype):
                 warps = config.pop("num_warps")
-                specs.append(_spec(f"attention_bwd_dkdv_{tag}_t{config['BLOCK_M']}", _attention_bwd_dkdv_kernel,
-                                   dtype, {**switches, **config}, warps))
+                specs.append(
+                    _spec(
+                        f"attention_bwd_dkdv_{tag}_t{config['BLOCK_M']}",
+                        _attention_bwd_dkdv_kernel,
+                        dtype,
+                        {**switches, **config},
+                        warps,
+                    )
+                )
                 for bias_grad in (False, True) if mode == BIAS_DENSE else (False,):
-                    specs.append(_spec(f"attention_bwd_dq_{tag}_t{config['BLOCK_M']}_grad{int(bias_grad)}",
-                                       _attention_bwd_dq_kernel, dtype,
-                                       {**switches, "BIAS_GRAD": bias_grad, **config}, warps))
+                    specs.append(
+                        _spec(
+                            f"attention_bwd_dq_{tag}_t{config['BLOCK_M']}_grad{int(bias_grad)}",
+                            _attention_bwd_dq_kernel,
+                            dtype,
+                            {**switches, "BIAS_GRAD": bias_grad, **config},
+                            warps,
+                        )
+                    )
             if mode in (BIAS_REL_POS, BIAS_LEVIT):
                 config = _table_config(block, block)
                 warps, stages = config.pop("num_warps"), config.pop("num_stages")
-                specs.append(_spec(f"attention_bwd_table_{tag}", _attention_bwd_table_kernel, dtype,
-                                   {**switches, **config}, warps, stages))
+                specs.append(
+                    _spec(
+                        f"attention_bwd_table_{tag}",
+                        _attention_bwd_table_kernel,
+                        dtype,
+                        {**switches, **config},
+                        warps,
+                        stages,
+                    )
+                )
     return specs

@@ -102,9 +102,7 @@ def _timm_levit_index(resolution: int, stride: int) -> torch.Tensor:
     res_q = (resolution - 1) // stride + 1
     k_pos = list(itertools.product(range(resolution), range(resolution)))
     q_pos = list(itertools.product(range(res_q), range(res_q)))
-    index = [
-        [abs(qy * stride - ky) * resolution + abs(qx * stride - kx) for ky, kx in k_pos] for qy, qx in q_pos
-    ]
+    index = [[abs(qy * stride - ky) * resolution + abs(qx * stride - kx) for ky, kx in k_pos] for qy, qx in q_pos]
     return torch.tensor(index)
 
 
@@ -161,8 +159,15 @@ def test_rel_pos_attention(backend, window, d, dv, dtype):
     batch, heads = (2, 2) if tokens <= 16 else (1, 2) if tokens <= 64 else (1, 1)
     q, k, v = _qkv(batch, heads, tokens, tokens, d, dv, dtype, strided=True)
     table = torch.randn(heads, (2 * window[0] - 1) * (2 * window[1] - 1), device=DEVICE).t().to(dtype)
-    _check(vitkern.ops.rel_pos_attention, reference.rel_pos_attention, [q, k, v, table], "qkvt", backend,
-           window=window, scale=0.3)
+    _check(
+        vitkern.ops.rel_pos_attention,
+        reference.rel_pos_attention,
+        [q, k, v, table],
+        "qkvt",
+        backend,
+        window=window,
+        scale=0.3,
+    )
 
 
 LEVIT_CASES = [
@@ -184,8 +189,15 @@ def test_levit_attention(backend, resolution, stride, d, dv, dtype):
     batch, heads = (2, 2) if resolution <= 4 else (1, 2) if resolution <= 7 else (1, 1)
     q, k, v = _qkv(batch, heads, res_q * res_q, resolution * resolution, d, dv, dtype)
     biases = torch.randn(heads, resolution * resolution, device=DEVICE, dtype=dtype)
-    _check(vitkern.ops.levit_attention, reference.levit_attention, [q, k, v, biases], "qkvb", backend,
-           resolution=resolution, stride=stride)
+    _check(
+        vitkern.ops.levit_attention,
+        reference.levit_attention,
+        [q, k, v, biases],
+        "qkvb",
+        backend,
+        resolution=resolution,
+        stride=stride,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -193,8 +205,15 @@ def test_levit_attention_transposed_biases(backend):
     """vit-pytorch keeps the biases as nn.Embedding(R*R, heads).weight: a transposed view is read in place."""
     q, k, v = _qkv(1, 3, 9, 25, 16, 16)
     biases = torch.randn(25, 3, device=DEVICE).t()
-    _check(vitkern.ops.levit_attention, reference.levit_attention, [q, k, v, biases], "qkvb", backend,
-           resolution=5, stride=2)
+    _check(
+        vitkern.ops.levit_attention,
+        reference.levit_attention,
+        [q, k, v, biases],
+        "qkvb",
+        backend,
+        resolution=5,
+        stride=2,
+    )
 
 
 DENSE_CASES = [
@@ -370,8 +389,21 @@ def test_opcheck(mode):
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(torch.ops.vitkern.attention, (q, k, v, bias, None, mode, geometry, 0.25, "triton"))
     out, lse = kernels.attention_fwd(q.detach(), k.detach(), v.detach(), bias, None, mode, geometry, 0.25)
-    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
-            None if bias is None else bias.detach(), None, mode, geometry, 0.25, bias is not None, "triton")
+    args = (
+        torch.randn_like(out),
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        out,
+        lse,
+        None if bias is None else bias.detach(),
+        None,
+        mode,
+        geometry,
+        0.25,
+        bias is not None,
+        "triton",
+    )
     torch.library.opcheck(torch.ops.vitkern.attention_backward, args)
 
 

@@ -92,8 +92,9 @@ def test_rel_pos_attention(window, d, dv, dtype):
     q, k, v = _qkv(batch, heads, tokens, tokens, d, dv, dtype)
     # A transposed view: the kernel reads the table through its strides.
     table = torch.randn(heads, (2 * window[0] - 1) * (2 * window[1] - 1), device=DEVICE).t().to(dtype)
-    _check(vitkern.ops.rel_pos_attention, reference.rel_pos_attention, [q, k, v, table], "qkvt", window=window,
-           scale=0.3)
+    _check(
+        vitkern.ops.rel_pos_attention, reference.rel_pos_attention, [q, k, v, table], "qkvt", window=window, scale=0.3
+    )
 
 
 LEVIT_CASES = [
@@ -115,8 +116,14 @@ def test_levit_attention(resolution, stride, d, dv, dtype):
     batch, heads = (3, 2) if resolution <= 4 else (1, 2)
     q, k, v = _qkv(batch, heads, res_q * res_q, resolution * resolution, d, dv, dtype)
     biases = torch.randn(heads, resolution * resolution, device=DEVICE).to(dtype)
-    _check(vitkern.ops.levit_attention, reference.levit_attention, [q, k, v, biases], "qkvb",
-           resolution=resolution, stride=stride)
+    _check(
+        vitkern.ops.levit_attention,
+        reference.levit_attention,
+        [q, k, v, biases],
+        "qkvb",
+        resolution=resolution,
+        stride=stride,
+    )
 
 
 DENSE_CASES = [

@@ -41,9 +41,23 @@ def results(tmp_path_factory):
     (tmp / "bench_tiny.py").write_text(BENCH_FILE)
     out = tmp / "results.json"
     subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp),
-         str(tmp / "bench_tiny.py"), f"--benchmark-json={out}"],
-        cwd=tmp, check=True, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp),
+            str(tmp / "bench_tiny.py"),
+            f"--benchmark-json={out}",
+        ],
+        cwd=tmp,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     return out
 
@@ -64,8 +78,10 @@ def test_table_gives_each_median_against_the_groups_baseline(results, capsys):
     assert table in printed
     rows = _rows(table)
     data = json.loads(results.read_text())
-    medians = {(b["group"], b["params"].get("impl") if b["params"] else b["name"]): b["stats"]["median"]
-               for b in data["benchmarks"]}
+    medians = {
+        (b["group"], b["params"].get("impl") if b["params"] else b["name"]): b["stats"]["median"]
+        for b in data["benchmarks"]
+    }
     assert set(rows) == set(medians)
     for group in ("small-fwd", "large-fwd"):
         assert rows[group, "torch_conv2d"][1] == "baseline"

@@ -35,8 +35,9 @@ def _run_setup(tmp_path: Path, emulation: bool) -> subprocess.CompletedProcess:
     env["PYTHONPATH"] = str(tmp_path)
     if emulation:
         env["VITKERN_BUILD_EMULATION"] = "1"
-    return subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, check=False)
+    return subprocess.run(
+        [sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
 
 
 def test_emulation_build_without_torch_fails_and_says_why(tmp_path):
@@ -86,5 +87,8 @@ def test_build_that_does_not_produce_an_extension_fails(tmp_path):
 def test_build_records_the_torch_it_compiled_against(tmp_path):
     _fake_build(tmp_path, produce={"vitkern._C", "vitkern._emulation"}).run()
     info = json.loads((tmp_path / "vitkern" / "_build_info.json").read_text())
-    assert info == {"torch": torch.__version__, "cuda": torch.version.cuda,
-                    "extensions": ["vitkern._C", "vitkern._emulation"]}
+    assert info == {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "extensions": ["vitkern._C", "vitkern._emulation"],
+    }

@@ -293,8 +293,17 @@ def test_bwd_deterministic(emu, channels_last):
 def test_fwd_argument_checks(emu, change, exc, needle):
     x, weight, _ = _raw_inputs()
     args = dict(
-        x=x, weight=weight, bias=None, scale=None, shift=None, residual=None, stride=STRIDE, padding=PADDING,
-        dilation=DILATION, activation=0, save_z=False,
+        x=x,
+        weight=weight,
+        bias=None,
+        scale=None,
+        shift=None,
+        residual=None,
+        stride=STRIDE,
+        padding=PADDING,
+        dilation=DILATION,
+        activation=0,
+        save_z=False,
     )
     args.update(change)
     with pytest.raises(exc, match=needle):

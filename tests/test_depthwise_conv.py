@@ -345,9 +345,7 @@ def test_opcheck(backend):
     )
 
 
-@pytest.mark.parametrize(
-    "compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("backend", ["auto", *KERNEL_BACKENDS])
 def test_torch_compile_fullgraph(backend, compiler):
     """A function using the op compiles with fullgraph=True and matches eager, forward and gradients; aot_eager
@@ -379,8 +377,13 @@ def test_torch_compile_fullgraph(backend, compiler):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
     "kernel, stride, padding, dilation",
-    [((3, 3), 1, "same", 1), ((4, 4), 2, "same", 1), ((9, 9), 1, "same", 1), ((7, 5), (1, 2), (3, 1), 2),
-     ((3, 15), 1, "same", 1)],
+    [
+        ((3, 3), 1, "same", 1),
+        ((4, 4), 2, "same", 1),
+        ((9, 9), 1, "same", 1),
+        ((7, 5), (1, 2), (3, 1), 2),
+        ((3, 15), 1, "same", 1),
+    ],
     ids=["3x3", "even-s2", "9x9", "rect-pair", "3x15"],
 )
 @pytest.mark.parametrize("backend", ["auto", "eager"])
@@ -429,8 +432,9 @@ def forced_formats(monkeypatch):
     [((7, 7), 1, "same", 1), ((4, 5), 2, "same", 2)],
     ids=["7x7", "even-same-s2-dil2"],
 )
-def test_cpu_path_every_format_choice(forced_formats, forward_format, backward_format, layout, kernel, stride,
-                                      padding, dilation):
+def test_cpu_path_every_format_choice(
+    forced_formats, forward_format, backward_format, layout, kernel, stride, padding, dilation
+):
     """Forward and backward of the CPU path in each memory format, apart or together, from either input layout:
     the output keeps the input's layout and every gradient matches, also when only some are asked for."""
     forced_formats.update(forward=forward_format, backward=backward_format)

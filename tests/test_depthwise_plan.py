@@ -39,8 +39,11 @@ def _shape_id(shape):
 
 def _plan(ops, shape, channels_last, dtype, direction, activation=0):
     x, k, s, p, d = shape
-    return list(ops.depthwise_conv2d_plan(list(x), channels_last, dtype, list(k), list(s), list(p), list(d),
-                                          activation, direction))
+    return list(
+        ops.depthwise_conv2d_plan(
+            list(x), channels_last, dtype, list(k), list(s), list(p), list(d), activation, direction
+        )
+    )
 
 
 def _parse(launch: str) -> tuple[str, tuple[int, ...], tuple[int, ...], int]:
@@ -138,8 +141,15 @@ def test_plan_empty_input_launches_nothing(emu):
 )
 def test_plan_argument_checks(emu, change, exc, needle):
     args = dict(
-        x_shape=[2, 4, 8, 8], channels_last=False, dtype="float16", kernel=[3, 3], stride=[1, 1],
-        padding=[1, 1, 1, 1], dilation=[1, 1], activation=0, direction="fwd",
+        x_shape=[2, 4, 8, 8],
+        channels_last=False,
+        dtype="float16",
+        kernel=[3, 3],
+        stride=[1, 1],
+        padding=[1, 1, 1, 1],
+        dilation=[1, 1],
+        activation=0,
+        direction="fwd",
     )
     args.update(change)
     with pytest.raises(exc, match=needle):

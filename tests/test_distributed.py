@@ -48,7 +48,12 @@ MODELS = {
     ),
     "levit": (
         lambda: LeViT(
-            img_size=64, embed_dim=(16, 32), depth=(1, 1), num_heads=(2, 2), key_dim=8, num_classes=NUM_CLASSES,
+            img_size=64,
+            embed_dim=(16, 32),
+            depth=(1, 1),
+            num_heads=(2, 2),
+            key_dim=8,
+            num_classes=NUM_CLASSES,
             distilled=False,
         ),
         64,
@@ -93,8 +98,10 @@ def make_batches(name: str, steps: int) -> list[tuple[torch.Tensor, torch.Tensor
     generator = torch.Generator().manual_seed(1)
     batch = WORLD_SIZE * PER_RANK_BATCH
     return [
-        (torch.randn(batch, 3, size, size, generator=generator),
-         torch.randint(0, NUM_CLASSES, (batch,), generator=generator))
+        (
+            torch.randn(batch, 3, size, size, generator=generator),
+            torch.randint(0, NUM_CLASSES, (batch,), generator=generator),
+        )
         for _ in range(steps)
     ]
 

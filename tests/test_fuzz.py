@@ -335,10 +335,23 @@ def bad_conv_calls(draw):
     tensors, kwargs = draw(conv_inputs(max_kernel=7, max_extent=8, dtypes=(torch.float32,)))
     x = tensors["x"]
     channels = x.shape[1]
-    what = draw(st.sampled_from(
-        ["tensor", "channels", "no_channels", "kernel_size", "stride", "dilation", "padding", "activation",
-         "vector_shape", "residual_shape", "too_small"]
-    ))
+    what = draw(
+        st.sampled_from(
+            [
+                "tensor",
+                "channels",
+                "no_channels",
+                "kernel_size",
+                "stride",
+                "dilation",
+                "padding",
+                "activation",
+                "vector_shape",
+                "residual_shape",
+                "too_small",
+            ]
+        )
+    )
     if what == "tensor":
         name = draw(st.sampled_from([n for n, t in tensors.items() if t is not None]))
         tensors[name] = _tensor_breakage(draw, tensors[name])
@@ -558,7 +571,11 @@ def test_one_channel_scale_and_shift_gradients_on_the_emulated_cuda_backend():
     """Found by test_depthwise_conv2d_cuda_emulated: x (1, 1, 1, 1), a 1x1 kernel, scale and shift."""
     require_build(AVAILABLE["cuda-emulated"], "needs the emulation build vitkern._emulation: VITKERN_BUILD_EMULATION=1")
     tensors = {
-        "x": torch.tensor([[[[1.5410]]]]), "weight": torch.tensor([[[[0.4623]]]]), "bias": None,
-        "scale": torch.tensor([1.5410]), "shift": torch.tensor([1.5410]), "residual": None,
+        "x": torch.tensor([[[[1.5410]]]]),
+        "weight": torch.tensor([[[[0.4623]]]]),
+        "bias": None,
+        "scale": torch.tensor([1.5410]),
+        "shift": torch.tensor([1.5410]),
+        "residual": None,
     }
     check_conv("cuda", (tensors, {"stride": 1, "padding": "same", "dilation": 1, "activation": None}))

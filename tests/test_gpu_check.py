@@ -29,8 +29,14 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script must set it itself
     env["PYTHON"] = sys.executable
-    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return proc, out
 
 
@@ -115,24 +121,64 @@ def test_dry_run_figures_match_hand_counts(dry_run):
 
 def test_perf_model_rows_are_summed_per_implementation():
     def row(impl, mode, layout="nchw", shape="convnext_t_stage2"):
-        return {"shape": shape, "impl": impl, "mode": mode, "layout": layout, "dtype": "bfloat16",
-                "estimate_us": None}
+        return {"shape": shape, "impl": impl, "mode": mode, "layout": layout, "dtype": "bfloat16", "estimate_us": None}
 
-    rows = [row("vitkern cuda", "fwd"), row("vitkern cuda", "fwd+bwd"), row("vitkern triton", "fwd", "channels_last"),
-            row("cuDNN F.conv2d", "fwd"), row("vitkern triton", "fwd", "-", "swin_t_windows")]
+    rows = [
+        row("vitkern cuda", "fwd"),
+        row("vitkern cuda", "fwd+bwd"),
+        row("vitkern triton", "fwd", "channels_last"),
+        row("cuDNN F.conv2d", "fwd"),
+        row("vitkern triton", "fwd", "-", "swin_t_windows"),
+    ]
     estimates = [
-        {"shape": "convnext_t_stage2", "kernel": "dwconv_fwd", "backend": "cuda", "dtype": "bf16", "layout": "nchw",
-         "estimate_us": 10.0},
-        {"shape": "convnext_t_stage2", "kernel": "dwconv_dx", "backend": "cuda", "dtype": "bf16", "layout": "nchw",
-         "estimate_us": 20.0},
-        {"shape": "convnext_t_stage2", "kernel": "dwconv_dweight", "backend": "cuda", "dtype": "bf16",
-         "layout": "nchw", "estimate_us": 30.0},
-        {"shape": "convnext_t_stage2", "kernel": "dwconv_fwd", "backend": "cuda", "dtype": "fp16", "layout": "nchw",
-         "estimate_us": 99.0},
-        {"shape": "convnext_t_stage2", "kernel": "dwconv_fwd", "backend": "triton", "dtype": "bfloat16",
-         "layout": "channels_last", "estimate_us": 7.0},
-        {"shape": "swin_t_windows", "kernel": "attention_fwd", "backend": "triton", "dtype": "bf16", "layout": "-",
-         "estimate_us": 5.0},
+        {
+            "shape": "convnext_t_stage2",
+            "kernel": "dwconv_fwd",
+            "backend": "cuda",
+            "dtype": "bf16",
+            "layout": "nchw",
+            "estimate_us": 10.0,
+        },
+        {
+            "shape": "convnext_t_stage2",
+            "kernel": "dwconv_dx",
+            "backend": "cuda",
+            "dtype": "bf16",
+            "layout": "nchw",
+            "estimate_us": 20.0,
+        },
+        {
+            "shape": "convnext_t_stage2",
+            "kernel": "dwconv_dweight",
+            "backend": "cuda",
+            "dtype": "bf16",
+            "layout": "nchw",
+            "estimate_us": 30.0,
+        },
+        {
+            "shape": "convnext_t_stage2",
+            "kernel": "dwconv_fwd",
+            "backend": "cuda",
+            "dtype": "fp16",
+            "layout": "nchw",
+            "estimate_us": 99.0,
+        },
+        {
+            "shape": "convnext_t_stage2",
+            "kernel": "dwconv_fwd",
+            "backend": "triton",
+            "dtype": "bfloat16",
+            "layout": "channels_last",
+            "estimate_us": 7.0,
+        },
+        {
+            "shape": "swin_t_windows",
+            "kernel": "attention_fwd",
+            "backend": "triton",
+            "dtype": "bf16",
+            "layout": "-",
+            "estimate_us": 5.0,
+        },
     ]
     assert gpu_check.match_estimates(rows, estimates) == 4
     assert [r["estimate_us"] for r in rows] == [10.0, 60.0, 7.0, None, 5.0]

@@ -77,7 +77,12 @@ def report_specs() -> list[KernelSpec]:
         KernelSpec("add", _add_kernel, add, {"BLOCK": ADD_BLOCK}, num_warps=4),
         KernelSpec("add_broken", _add_kernel, add, {"BLOCK": NOT_A_POWER_OF_TWO}, num_warps=4),
         KernelSpec(
-            "normalize", _normalize_kernel, pair, {"BLOCK": SPILL_BLOCK}, num_warps=1, num_stages=1,
+            "normalize",
+            _normalize_kernel,
+            pair,
+            {"BLOCK": SPILL_BLOCK},
+            num_warps=1,
+            num_stages=1,
             maxnreg=SPILL_MAXNREG,
         ),
         KernelSpec(
@@ -186,7 +191,11 @@ def test_compile_inputs_order_arguments_and_align_pointers():
     add = report_specs()[0]
     _, signature, constexprs, attrs = kernel_report.compile_inputs(add)
     assert list(signature.items()) == [
-        ("x_ptr", "*bf16"), ("y_ptr", "*bf16"), ("out_ptr", "*bf16"), ("n", "i32"), ("BLOCK", "constexpr")
+        ("x_ptr", "*bf16"),
+        ("y_ptr", "*bf16"),
+        ("out_ptr", "*bf16"),
+        ("n", "i32"),
+        ("BLOCK", "constexpr"),
     ]
     assert constexprs == {"BLOCK": ADD_BLOCK}
     assert attrs == {(i,): [["tt.divisibility", 16]] for i in range(3)}
@@ -220,9 +229,7 @@ def test_problem_rules_use_each_architectures_limit():
     assert _row(90, shared=limit_90).ok
     assert not _row(90, shared=limit_90 + 1).ok
     assert _row(90, stack=8).problems() == ["local memory: 8 B stack frame, 0 B local per thread"]
-    assert _row(80, spill_stores=4, spill_loads=0, stack=8).problems() == [
-        "spills: 4 B stored, 0 B loaded per thread"
-    ]
+    assert _row(80, spill_stores=4, spill_loads=0, stack=8).problems() == ["spills: 4 B stored, 0 B loaded per thread"]
     assert _row(80, error="PTXASError: boom").problems() == ["error: PTXASError: boom"]
 
 
@@ -290,7 +297,9 @@ def test_cuda_binary_figures_match_nvcc(tmp_path):
     gencode = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in ARCHS]
     build = subprocess.run(
         [str(nvcc), "-fatbin", "-Xptxas", "-v", *gencode, str(source), "-o", str(binary)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert build.returncode == 0, build.stderr
     names = ("scale", "tile_shift", "local_array")

@@ -13,11 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "kernels": ("vitkern.kernels",),
     "vitkern/reference": ("vitkern.reference", "vitkern.kernels.contract"),
-    "vitkern/cpu": ("vitkern.cpu", "vitkern.reference", "vitkern.kernels.contract", "vitkern._tuning",
-                    "vitkern._grad"),
+    "vitkern/cpu": ("vitkern.cpu", "vitkern.reference", "vitkern.kernels.contract", "vitkern._tuning", "vitkern._grad"),
     "vitkern/custom_ops": ("vitkern.custom_ops", "vitkern.kernels", "vitkern._grad"),
-    "vitkern/ops": ("vitkern.ops", "vitkern.cpu", "vitkern.custom_ops", "vitkern.reference", "vitkern.kernels.contract",
-                    "vitkern.dispatch"),
+    "vitkern/ops": (
+        "vitkern.ops",
+        "vitkern.cpu",
+        "vitkern.custom_ops",
+        "vitkern.reference",
+        "vitkern.kernels.contract",
+        "vitkern.dispatch",
+    ),
 }
 
 

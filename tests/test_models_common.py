@@ -124,10 +124,19 @@ def _tiny(family: str) -> nn.Module:
     if family == "coatnet":
         return CoAtNet(32, depth=(1, 1, 1, 1, 1), embed_dim=(4, 4, 8, 32, 32), num_classes=3, head_hidden_size=8)
     if family == "crossvit":
-        return create_model("crossvit_9_240", num_classes=3, img_size=16, img_scale=(1.0, 0.5), patch_size=(4, 8),
-                            embed_dim=(8, 16), depth=((1, 1, 0),), num_heads=(2, 2))
-    return create_model("deit_tiny_distilled_patch16_224", num_classes=3, img_size=16, patch_size=8, embed_dim=8,
-                        depth=1, num_heads=2)
+        return create_model(
+            "crossvit_9_240",
+            num_classes=3,
+            img_size=16,
+            img_scale=(1.0, 0.5),
+            patch_size=(4, 8),
+            embed_dim=(8, 16),
+            depth=((1, 1, 0),),
+            num_heads=(2, 2),
+        )
+    return create_model(
+        "deit_tiny_distilled_patch16_224", num_classes=3, img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2
+    )
 
 
 LEGACY_NAMES = {
@@ -177,12 +186,16 @@ OVERRIDES = {
     "deepvit_s": (dict(depth=2, re_attention=(False, True)), lambda m: len(m.blocks) == 2),
     "t2t_vit_7": (dict(depth=3), lambda m: len(m.blocks) == 3),
     "crossvit_9_240": (dict(depth=((1, 1, 0),)), lambda m: len(m.blocks) == 1),
-    "convmixer_768_32": (dict(depth=3, activation="gelu"),
-                         lambda m: len(m.blocks) == 3 and isinstance(m.blocks[0].act1, nn.GELU)),
+    "convmixer_768_32": (
+        dict(depth=3, activation="gelu"),
+        lambda m: len(m.blocks) == 3 and isinstance(m.blocks[0].act1, nn.GELU),
+    ),
     "cvt_13": (dict(depth=(1, 1, 1)), lambda m: [len(s.blocks) for s in m.stages] == [1, 1, 1]),
     "pit_ti_224": (dict(depth=(1, 1, 1)), lambda m: [len(t.blocks) for t in m.transformers] == [1, 1, 1]),
-    "coatnet_0": (dict(depth=(1, 1, 1, 1, 1), head_hidden_size=None),
-                  lambda m: len(m.s3) == 1 and isinstance(m.pre_logits, nn.Identity)),
+    "coatnet_0": (
+        dict(depth=(1, 1, 1, 1, 1), head_hidden_size=None),
+        lambda m: len(m.s3) == 1 and isinstance(m.pre_logits, nn.Identity),
+    ),
     "levit_128s": (dict(depth=(1, 1, 1)), lambda m: len(m.backbone[0].layers) == 1),
 }
 
@@ -199,9 +212,17 @@ def test_overrides_replace_configuration_values(name):
 @pytest.mark.parametrize(
     "name, keyword",
     [(name, "not_an_argument") for name in sorted(OVERRIDES)]
-    + [("coatnet_0", "image_size"), ("coatnet_0", "in_channels"), ("coatnet_0", "channels"), ("pit_ti_224", "heads"),
-       ("pit_ti_224", "base_dims"), ("levit_128s", "dims"), ("levit_128s", "dim_key"), ("cvt_13", "depths"),
-       ("convmixer_768_32", "dim")],
+    + [
+        ("coatnet_0", "image_size"),
+        ("coatnet_0", "in_channels"),
+        ("coatnet_0", "channels"),
+        ("pit_ti_224", "heads"),
+        ("pit_ti_224", "base_dims"),
+        ("levit_128s", "dims"),
+        ("levit_128s", "dim_key"),
+        ("cvt_13", "depths"),
+        ("convmixer_768_32", "dim"),
+    ],
 )
 def test_unknown_override_raises_type_error_naming_it(name, keyword):
     with torch.device("meta"), pytest.raises(TypeError, match=keyword):
@@ -228,8 +249,7 @@ def _oracle(layer: DepthwiseConvBN, x: torch.Tensor, residual: torch.Tensor | No
     bn = getattr(layer, layer.norm_name)
     if not layer.act_after_norm:
         y = act(y)
-    y = F.batch_norm(y, bn.running_mean.clone(), bn.running_var.clone(), bn.weight, bn.bias, bn.training,
-                     0.0, bn.eps)
+    y = F.batch_norm(y, bn.running_mean.clone(), bn.running_var.clone(), bn.weight, bn.bias, bn.training, 0.0, bn.eps)
     if layer.act_after_norm:
         y = act(y)
     return y if residual is None else y + residual

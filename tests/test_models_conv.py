@@ -66,16 +66,29 @@ def small_model(family: str) -> tuple[nn.Module, int]:
     seconds. CoAtNet uses C-T-T-T so that a transformer stage sits on a 4x4 map (with C-C-T-T at this size the
     rel-pos windows would be 2x2 and 1x1)."""
     if family == "coatnet":
-        model = CoAtNet(32, depth=(1, 2, 1, 2, 1), embed_dim=(4, 4, 64, 32, 32), block_types=("C", "T", "T", "T"),
-                        num_classes=NUM_CLASSES, head_hidden_size=16)
+        model = CoAtNet(
+            32,
+            depth=(1, 2, 1, 2, 1),
+            embed_dim=(4, 4, 64, 32, 32),
+            block_types=("C", "T", "T", "T"),
+            num_classes=NUM_CLASSES,
+            head_hidden_size=16,
+        )
         return model, 32
     if family == "convmixer":
         return ConvMixer(4, 2, kernel_size=5, patch_size=4, num_classes=NUM_CLASSES), 16
     if family == "levit":
         return LeViT(64, embed_dim=(16, 32), depth=(1, 1), num_heads=(1, 2), key_dim=16, num_classes=NUM_CLASSES), 64
     if family == "cvt":
-        model = CvT(embed_dim=(4, 8), depth=(1, 1), num_heads=(1, 2), embed_kernels=(3, 3), embed_strides=(2, 2),
-                    embed_paddings=(1, 1), num_classes=NUM_CLASSES)
+        model = CvT(
+            embed_dim=(4, 8),
+            depth=(1, 1),
+            num_heads=(1, 2),
+            embed_kernels=(3, 3),
+            embed_strides=(2, 2),
+            embed_paddings=(1, 1),
+            num_classes=NUM_CLASSES,
+        )
         return model, 16
     model = PiT(16, patch_size=4, stride=2, head_dim=(2, 2), depth=(1, 1), num_heads=(2, 4), num_classes=NUM_CLASSES)
     return model, 16
@@ -163,11 +176,19 @@ def test_triton_matches_eager(family, mode):
 
 
 CUDA_CASES = [
-    pytest.param(family, mode, marks=pytest.mark.xfail(
-        strict=True, reason="open: one BatchNorm bias gradient of LeViT in train mode is 1.6e-4 off on cuda (1e-4 "
-        "allowed); under investigation, not a tolerance to widen")) if (family, mode) == ("levit", "train")
+    pytest.param(
+        family,
+        mode,
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="open: one BatchNorm bias gradient of LeViT in train mode is 1.6e-4 off on cuda (1e-4 "
+            "allowed); under investigation, not a tolerance to widen",
+        ),
+    )
+    if (family, mode) == ("levit", "train")
     else (family, mode)
-    for family in FAMILIES for mode in ("train", "eval")
+    for family in FAMILIES
+    for mode in ("train", "eval")
 ]
 
 

@@ -58,11 +58,17 @@ REL_TOL = 0.02
 SMALL_CONFIGS = {
     "deepvit": ("deepvit_s", dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, re_attention=(False, True))),
     "deit": ("deit_tiny_distilled_patch16_224", dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)),
-    "cait": ("cait_xxs24_224", dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, depth_token_only=1,
-                                    init_values=0.5)),
+    "cait": (
+        "cait_xxs24_224",
+        dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, depth_token_only=1, init_values=0.5),
+    ),
     "t2t_vit": ("t2t_vit_7", dict(embed_dim=32, depth=2, num_heads=2, token_dim=16)),
-    "crossvit": ("crossvit_9_240", dict(img_scale=(1.0, 0.75), patch_size=(4, 8), embed_dim=(16, 32),
-                                        depth=((1, 1, 0), (1, 1, 0)), num_heads=(2, 2))),
+    "crossvit": (
+        "crossvit_9_240",
+        dict(
+            img_scale=(1.0, 0.75), patch_size=(4, 8), embed_dim=(16, 32), depth=((1, 1, 0), (1, 1, 0)), num_heads=(2, 2)
+        ),
+    ),
 }
 FAMILIES = sorted(SMALL_CONFIGS)
 
@@ -365,7 +371,7 @@ def test_t2t_soft_split_matches_unfold_by_hand():
     # first split: 7x7 windows, stride 4, padding 2 -> an 8x8 grid of 3*49-wide tokens
     padded = F.pad(x, (2, 2, 2, 2))
     row, col = 3, 5
-    window = padded[0, :, 4 * row:4 * row + 7, 4 * col:4 * col + 7].reshape(-1)
+    window = padded[0, :, 4 * row : 4 * row + 7, 4 * col : 4 * col + 7].reshape(-1)
     assert tokens.shape == (1, 64, 147)
     assert torch.equal(tokens[0, row * 8 + col], window)
     assert t2t.grid_sizes == [8, 4, 2]

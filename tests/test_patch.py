@@ -175,8 +175,13 @@ def test_patched_module_on_triton(name, train):
     if name == "swin_tiny_patch4_window7_224":
         assert kwargs["mask"] is not None  # the shifted block: the mask goes through the kernel
     with vitkern.backend("triton"):
-        compare(functools.partial(module, **kwargs), functools.partial(reference_module, **kwargs), x, train,
-                modules=(module, reference_module))
+        compare(
+            functools.partial(module, **kwargs),
+            functools.partial(reference_module, **kwargs),
+            x,
+            train,
+            modules=(module, reference_module),
+        )
 
 
 def test_unpatch_restores_bitwise_behaviour():
@@ -203,8 +208,9 @@ def test_state_dict_unchanged_by_patching():
 
 
 def test_model_with_nothing_to_patch_comes_back_unchanged():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 8, 3, groups=8,
-                                                                                        padding_mode="reflect"))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 8, 3, groups=8, padding_mode="reflect")
+    )
     x = torch.randn(1, 3, 12, 12)
     want = model(x)
     assert vitkern.patch(model) is model
@@ -215,8 +221,9 @@ def test_model_with_nothing_to_patch_comes_back_unchanged():
 
 def test_modules_left_alone():
     """An MLP-generated bias (CoAtNet rmlp) is not patched; the depthwise convs around it are."""
-    model = timm.create_model("coatnet_rmlp_nano_rw_224", img_size=64, embed_dim=(16, 16, 32, 32),
-                              depths=(1, 1, 1, 1), stem_width=(16, 16))
+    model = timm.create_model(
+        "coatnet_rmlp_nano_rw_224", img_size=64, embed_dim=(16, 16, 32, 32), depths=(1, 1, 1, 1), stem_width=(16, 16)
+    )
     vitkern.patch(model)
     names = {qualified for qualified, _ in vitkern.patched(model)}
     attention = {qualified for qualified, module in model.named_modules() if type(module).__name__ == "Attention2d"}

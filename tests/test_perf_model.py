@@ -144,8 +144,12 @@ def test_triton_launches_as_the_launcher_makes_them():
     _, calls = _conv_launches("convnext_t_stage2")
     names = [call.fn.__name__ for call in calls]
     # bias only: the epilogue backward reduces dbias, then dx and dweight
-    assert names == ["_dwconv_fwd_kernel", "_dwconv_bwd_epilogue_kernel", "_dwconv_bwd_input_kernel",
-                     "_dwconv_bwd_weight_kernel"]
+    assert names == [
+        "_dwconv_fwd_kernel",
+        "_dwconv_bwd_epilogue_kernel",
+        "_dwconv_bwd_input_kernel",
+        "_dwconv_bwd_weight_kernel",
+    ]
     spec = perf_model.launch_spec(calls[0])
     # 28 x 28 = 784 output pixels take the NCHW tile (16 taps, 128 pixels, 1 channel) on 4 warps
     assert (spec.constexprs["BLOCK_T"], spec.constexprs["BLOCK_P"], spec.constexprs["BLOCK_C"]) == (16, 128, 1)
@@ -167,8 +171,9 @@ def test_floors_by_hand():
     assert work.write_bytes == 2 * 2 * maps
     assert work.macs == maps * 81
     assert iterations == 64 * 1536 * 8 * 6  # 1024 pixels in 8 blocks of 128, 81 taps in 6 blocks of 16
-    launch = perf_model.Launch("fwd", perf_model.Code(_sass.Mix.of([]), _sass.Mix.of([]), 32, 0), 1, 4, 0, 0.0,
-                               False, work)
+    launch = perf_model.Launch(
+        "fwd", perf_model.Code(_sass.Mix.of([]), _sass.Mix.of([]), 32, 0), 1, 4, 0, 0.0, False, work
+    )
     figures = perf_model.estimate(launch, perf_model.DEVICES["h100"])
     memory_us = (2 * (4 * maps + 1536 * 81 + 3 * 1536)) / 3.35e12 * 1e6  # 3.35 TB/s
     math_us = maps * 81 / (132 * 128 * 1.98e9) * 1e6  # 132 SMs x 128 fp32 lanes at 1.98 GHz
@@ -221,8 +226,15 @@ def test_quick_model_runs(quick_rows):
     keys = ("shape", "kernel", "backend", "dtype", "layout", "floor_us", "estimate_us", "fma_share", "blocks_per_sm")
     assert rows and all(tuple(row)[: len(keys)] == keys for row in rows)
     triton_kernels = {row["kernel"] for row in rows if row["backend"] == "triton"}
-    assert {"dwconv_fwd", "dwconv_bwd_input", "dwconv_bwd_weight", "attention_fwd", "attention_bwd_dq",
-            "attention_bwd_dkdv", "attention_bwd_table"} <= triton_kernels
+    assert {
+        "dwconv_fwd",
+        "dwconv_bwd_input",
+        "dwconv_bwd_weight",
+        "attention_fwd",
+        "attention_bwd_dq",
+        "attention_bwd_dkdv",
+        "attention_bwd_table",
+    } <= triton_kernels
     assert {row["device"] for row in rows} == set(perf_model.DEVICES)
 
 
@@ -272,8 +284,11 @@ def test_cuda_trip_count_from_a_plan():
     def plan(x_shape, channels_last, dtype, kernel, stride, padding, dilation, activation, direction):
         assert (x_shape, channels_last, dtype, kernel) == ([64, 192, 28, 28], False, "float16", [7, 7])
         assert (stride, padding, dilation, activation) == ([1, 1], [3, 3, 3, 3], [1, 1], 0)
-        return [f"{name}|{grid[0]},{grid[1]},{grid[2]}|{block[0]},{block[1]},{block[2]}|{smem}"] \
-            if direction == "fwd" else []
+        return (
+            [f"{name}|{grid[0]},{grid[1]},{grid[2]}|{block[0]},{block[1]},{block[2]}|{smem}"]
+            if direction == "fwd"
+            else []
+        )
 
     shape = next(s for s in perf_model.CONV_SHAPES if s.name == "convnext_t_stage2")
     (launch,) = perf_model.cuda_launches(shape, torch.float16, "nchw", plan)

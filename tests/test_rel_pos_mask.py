@@ -42,7 +42,7 @@ def test_triton_kernels_with_mask(batch, num_windows, window, head_dim, masked):
     mask = swin_mask(num_windows, window[0] * window[1], masked)
     dout = torch.randn(batch, heads, window[0] * window[1], head_dim)
     want = reference_grads(q, k, v, table, window, mask, dout)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     with torch.no_grad():
         out, lse = kernels.attention_fwd(q, k, v, table, mask, kernels.BIAS_REL_POS, list(window), scale)
         grads = kernels.attention_bwd(
@@ -61,7 +61,7 @@ def test_triton_mask_fully_masked_rows_give_zeros():
     dout = torch.randn(batch, heads, 6, head_dim)
     want = reference_grads(q, k, v, table, window, mask, dout)
     assert want[0][1::2].abs().max() == 0
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     with torch.no_grad():
         out, lse = kernels.attention_fwd(q, k, v, table, mask, kernels.BIAS_REL_POS, list(window), scale)
         grads = kernels.attention_bwd(
@@ -81,7 +81,7 @@ def test_reference_mask_is_added_per_window():
     got = reference.rel_pos_attention(q, k, v, table, window, None, mask)
     bias = reference.rel_pos_bias(table, window)
     for b in range(batch):
-        scores = q[b] @ k[b].transpose(-1, -2) * 4 ** -0.5 + bias + mask[b % 3]
+        scores = q[b] @ k[b].transpose(-1, -2) * 4**-0.5 + bias + mask[b % 3]
         torch.testing.assert_close(got[b], scores.softmax(-1) @ v[b], rtol=1e-5, atol=1e-6)
 
 
@@ -105,8 +105,9 @@ def test_rel_pos_attention_mask_every_backend(backend, masked):
 def test_attention_op_with_mask_passes_opcheck():
     q, k, v, table = inputs(4, 2, (2, 3), 16)
     mask = swin_mask(2, 6, -100.0)
-    torch.library.opcheck(torch.ops.vitkern.attention, (q, k, v, table, mask, kernels.BIAS_REL_POS, [2, 3], 0.25,
-                                                        "triton"))
+    torch.library.opcheck(
+        torch.ops.vitkern.attention, (q, k, v, table, mask, kernels.BIAS_REL_POS, [2, 3], 0.25, "triton")
+    )
 
 
 @pytest.mark.parametrize(

@@ -6,5 +6,16 @@ from vitkern.patching import patch, patched, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "backend", "current_backend", "models", "nn", "ops", "patch", "patched", "reference",
-           "unpatch", "__version__"]
+__all__ = [
+    "available_backends",
+    "backend",
+    "current_backend",
+    "models",
+    "nn",
+    "ops",
+    "patch",
+    "patched",
+    "reference",
+    "unpatch",
+    "__version__",
+]

@@ -117,9 +117,7 @@ def cuda_unavailable_reason() -> str | None:
     """Why the CUDA C++ kernels of ``vitkern._C`` cannot run CUDA tensors here, or None."""
     if _has_cuda_module():
         return None
-    return _missing_extension(
-        "vitkern._C", "install with a CUDA toolkit, CUDA_HOME set and a CUDA build of torch"
-    )
+    return _missing_extension("vitkern._C", "install with a CUDA toolkit, CUDA_HOME set and a CUDA build of torch")
 
 
 def emulation_unavailable_reason() -> str | None:

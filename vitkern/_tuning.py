@@ -60,9 +60,7 @@ def worth_tuning(macs: int, backward: bool = True, dtype: torch.dtype = torch.fl
     """Whether a problem of ``macs`` multiply-adds (per forward pass) in ``dtype`` gets a measured choice, else the
     caller's default; ``backward`` says whether the call also runs a backward pass."""
     return (
-        dtype not in UNTUNED_DTYPES
-        and macs >= (MIN_TUNED_MACS if backward else MIN_TUNED_FORWARD_MACS)
-        and enabled()
+        dtype not in UNTUNED_DTYPES and macs >= (MIN_TUNED_MACS if backward else MIN_TUNED_FORWARD_MACS) and enabled()
     )
 
 

@@ -160,7 +160,8 @@ class Registry:
         else:
             why = f"no {backend} implementation"
         able = [
-            other for other in BACKENDS
+            other
+            for other in BACKENDS
             if other != backend and any(not impl.not_supported_reasons(call) for impl in self.candidates(other, call))
         ]
         return (

@@ -93,8 +93,16 @@ def _convmixer_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         scale = scale * norm.weight
         shift = shift * norm.weight + norm.bias
     return depthwise_conv2d(
-        x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-        activation=FUSABLE_ACTIVATIONS[type(act)], scale=scale.to(x.dtype), shift=shift.to(x.dtype), residual=x,
+        x,
+        conv.weight,
+        conv.bias,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        activation=FUSABLE_ACTIVATIONS[type(act)],
+        scale=scale.to(x.dtype),
+        shift=shift.to(x.dtype),
+        residual=x,
     )
 
 
@@ -174,21 +182,33 @@ def _levit_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     resolution = self.resolution[0]
     if self.use_conv:
         batch, _, height, width = x.shape
-        q, k, v = self.qkv(x).view(batch, self.num_heads, -1, height * width).split(
-            [self.key_dim, self.key_dim, self.val_dim], dim=2
+        q, k, v = (
+            self.qkv(x)
+            .view(batch, self.num_heads, -1, height * width)
+            .split([self.key_dim, self.key_dim, self.val_dim], dim=2)
         )
         out = levit_attention(
-            q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1),
-            self.attention_biases.to(q.dtype), resolution, 1, self.scale,
+            q.transpose(-2, -1),
+            k.transpose(-2, -1),
+            v.transpose(-2, -1),
+            self.attention_biases.to(q.dtype),
+            resolution,
+            1,
+            self.scale,
         )
         x = out.transpose(-2, -1).reshape(batch, -1, height, width)
     else:
         batch, tokens, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, tokens, self.num_heads, -1).split(
-            [self.key_dim, self.key_dim, self.val_dim], dim=3
+        q, k, v = (
+            self.qkv(x).view(batch, tokens, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
         )
         out = levit_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.attention_biases.to(q.dtype), resolution, 1,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            self.attention_biases.to(q.dtype),
+            resolution,
+            1,
             self.scale,
         )
         x = out.transpose(1, 2).reshape(batch, tokens, self.val_attn_dim)
@@ -205,8 +225,13 @@ def _levit_downsample_forward(self, x: torch.Tensor) -> torch.Tensor:
         k, v = self.kv(x).view(batch, self.num_heads, -1, height * width).split([self.key_dim, self.val_dim], dim=2)
         q = self.q(x).view(batch, self.num_heads, self.key_dim, -1)
         out = levit_attention(
-            q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1),
-            self.attention_biases.to(q.dtype), resolution, self.stride, self.scale,
+            q.transpose(-2, -1),
+            k.transpose(-2, -1),
+            v.transpose(-2, -1),
+            self.attention_biases.to(q.dtype),
+            resolution,
+            self.stride,
+            self.scale,
         )
         x = out.transpose(-2, -1).reshape(batch, self.val_attn_dim, out_h, out_w)
     else:
@@ -214,7 +239,12 @@ def _levit_downsample_forward(self, x: torch.Tensor) -> torch.Tensor:
         k, v = self.kv(x).view(batch, tokens, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
         q = self.q(x).view(batch, -1, self.num_heads, self.key_dim).transpose(1, 2)
         out = levit_attention(
-            q, k.transpose(1, 2), v.transpose(1, 2), self.attention_biases.to(q.dtype), resolution, self.stride,
+            q,
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            self.attention_biases.to(q.dtype),
+            resolution,
+            self.stride,
             self.scale,
         )
         x = out.transpose(1, 2).reshape(batch, -1, self.val_attn_dim)

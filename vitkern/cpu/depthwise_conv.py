@@ -62,7 +62,12 @@ class _CPUConv:
         """conv(x) + bias, computed in ``conv_fmt``, returned in x's format."""
         x = self.x
         z = F.conv2d(
-            x.contiguous(memory_format=conv_fmt), self.weight, self.bias, self.stride, self.padding, self.dilation,
+            x.contiguous(memory_format=conv_fmt),
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
             x.shape[1],
         )
         return z.contiguous(memory_format=self.fmt)
@@ -95,8 +100,17 @@ class _CPUConv:
         if not _tuning.worth_tuning(macs, backward, self.x.dtype):
             return None
         return (
-            "depthwise_conv2d", direction, tuple(self.x.shape), (kh, kw), self.stride, self.padding, self.dilation,
-            self.x.dtype, self.fmt, self.bias is not None, torch.get_num_threads(),
+            "depthwise_conv2d",
+            direction,
+            tuple(self.x.shape),
+            (kh, kw),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.x.dtype,
+            self.fmt,
+            self.bias is not None,
+            torch.get_num_threads(),
         )
 
     def forward_format(self, backward):

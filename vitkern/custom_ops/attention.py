@@ -66,9 +66,7 @@ def _attention_backward_op(
     bias_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(
-        _kernels(backend).bwd(dout, q, k, v, out, lse, bias, mask, bias_mode, geometry, scale, bias_grad)
-    )
+    return tuple(_kernels(backend).bwd(dout, q, k, v, out, lse, bias, mask, bias_mode, geometry, scale, bias_grad))
 
 
 @_attention_backward_op.register_fake

@@ -63,9 +63,7 @@ def _depthwise_conv2d_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(
-        _kernels(backend).fwd(
-            x, weight, bias, scale, shift, residual, stride, padding, dilation, activation, save_z
-        )
+        _kernels(backend).fwd(x, weight, bias, scale, shift, residual, stride, padding, dilation, activation, save_z)
     )
 
 
@@ -93,9 +91,7 @@ def _depthwise_conv2d_backward_op(
     output_mask: list[bool],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(
-        _kernels(backend).bwd(dy, x, weight, z, scale, stride, padding, dilation, activation, output_mask)
-    )
+    return tuple(_kernels(backend).bwd(dy, x, weight, z, scale, stride, padding, dilation, activation, output_mask))
 
 
 @_depthwise_conv2d_backward_op.register_fake

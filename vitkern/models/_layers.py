@@ -333,9 +333,7 @@ class PatchEmbed(nn.Module):
         self.img_size = to_pair("img_size", img_size)
         self.patch_size = to_pair("patch_size", patch_size)
         if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
-            raise ValueError(
-                f"img_size: expected a multiple of patch_size {self.patch_size}, got {self.img_size}"
-            )
+            raise ValueError(f"img_size: expected a multiple of patch_size {self.patch_size}, got {self.img_size}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
@@ -373,10 +371,10 @@ def _rename_legacy_head_keys(module: ClassifierModel, state_dict: dict, prefix: 
     """load_state_dict pre-hook: the keys of a classifier's former names (``module.legacy_head_names``) under their
     present names. ``load_state_dict`` passes its own copy of the caller's state_dict."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        local = key[len(prefix):]
+        local = key[len(prefix) :]
         for old, new in module.legacy_head_names.items():
             if local == old or local.startswith(old + "."):
-                state_dict[prefix + new + local[len(old):]] = state_dict.pop(key)
+                state_dict[prefix + new + local[len(old) :]] = state_dict.pop(key)
                 break
 
 
@@ -579,8 +577,7 @@ class DepthwiseConvBN(nn.Module):
         out_channels = in_channels * multiplier
         self.add_module(
             self.conv_name,
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups=in_channels,
-                      bias=bias),
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups=in_channels, bias=bias),
         )
         layers = []
         if activation is not None:
@@ -615,8 +612,14 @@ class DepthwiseConvBN(nn.Module):
             scale, shift = fold_batchnorm(bn)
             if not self.act_after_norm:
                 return depthwise_conv2d(
-                    x, weight, bias, *args, activation=self.activation, scale=scale.to(x.dtype),
-                    shift=shift.to(x.dtype), residual=residual,
+                    x,
+                    weight,
+                    bias,
+                    *args,
+                    activation=self.activation,
+                    scale=scale.to(x.dtype),
+                    shift=shift.to(x.dtype),
+                    residual=residual,
                 )
             weight = (conv.weight * scale.view(-1, 1, 1, 1)).to(x.dtype)
             bias = (shift if conv.bias is None else conv.bias * scale + shift).to(x.dtype)

@@ -123,7 +123,10 @@ class CaiT(VisionTransformer):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__(
-            PatchEmbed(img_size, patch_size, in_chans, embed_dim), embed_dim, num_classes, drop_rate,
+            PatchEmbed(img_size, patch_size, in_chans, embed_dim),
+            embed_dim,
+            num_classes,
+            drop_rate,
             late_class_token=True,
         )
         init_values = layer_scale_init(depth) if init_values is None else init_values

@@ -100,8 +100,9 @@ class MBConv(nn.Module):
         )
         self.block.add_module(
             "dw_conv",
-            DepthwiseConvBN(hidden_dim, 3, 1, 1, bias=False, activation="gelu", act_after_norm=True,
-                            names=("0", "2", "1")),
+            DepthwiseConvBN(
+                hidden_dim, 3, 1, 1, bias=False, activation="gelu", act_after_norm=True, names=("0", "2", "1")
+            ),
         )
         self.block.add_module("se", SE(in_c, hidden_dim))
         self.block.add_module(

@@ -43,8 +43,9 @@ class ConvMixerBlock(DepthwiseConvBN):
     :class:`DepthwiseConvBN`, its children ``depth_wise_conv``, ``act1``, ``norm1``), then ``BN(act(pwconv(x)))``."""
 
     def __init__(self, dim: int, kernel_size: int, activation: str = "gelu") -> None:
-        super().__init__(dim, kernel_size, padding="same", activation=activation,
-                         names=("depth_wise_conv", "act1", "norm1"))
+        super().__init__(
+            dim, kernel_size, padding="same", activation=activation, names=("depth_wise_conv", "act1", "norm1")
+        )
         self.point_wise_conv = nn.Conv2d(dim, dim, kernel_size=1)
         self.act2 = ACT_LAYERS[activation]()
         self.norm2 = nn.BatchNorm2d(dim)

@@ -54,8 +54,15 @@ class CrossAttentionBlock(nn.Module):
     cls: (B, 1, dim), patches: (B, N, dim) -> (B, 1, dim).
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
         super().__init__()
         self.norm1 = layer_norm(dim)
         self.attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
@@ -88,8 +95,16 @@ class MultiScaleBlock(nn.Module):
             self.blocks.append(
                 nn.Sequential(
                     *(
-                        Block(dims[b], num_heads[b], mlp_ratio[b], qkv_bias=qkv_bias, drop=drop, attn_drop=attn_drop,
-                              drop_path=rate, norm_layer=layer_norm)
+                        Block(
+                            dims[b],
+                            num_heads[b],
+                            mlp_ratio[b],
+                            qkv_bias=qkv_bias,
+                            drop=drop,
+                            attn_drop=attn_drop,
+                            drop_path=rate,
+                            norm_layer=layer_norm,
+                        )
                         for rate in rates
                     )
                 )
@@ -102,8 +117,14 @@ class MultiScaleBlock(nn.Module):
             self.projs.append(_projection(dims[b], dims[other]))
             self.fusion.append(
                 nn.ModuleList(
-                    CrossAttentionBlock(dims[other], num_heads[other], qkv_bias=qkv_bias, drop=drop,
-                                        attn_drop=attn_drop, drop_path=drop_path[-1])
+                    CrossAttentionBlock(
+                        dims[other],
+                        num_heads[other],
+                        qkv_bias=qkv_bias,
+                        drop=drop,
+                        attn_drop=attn_drop,
+                        drop_path=drop_path[-1],
+                    )
                     for _ in range(max(depth[2], 1))
                 )
             )
@@ -158,8 +179,12 @@ class CrossViT(ClassifierModel):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, value in (("img_scale", img_scale), ("patch_size", patch_size), ("embed_dim", embed_dim),
-                            ("num_heads", num_heads)):
+        for name, value in (
+            ("img_scale", img_scale),
+            ("patch_size", patch_size),
+            ("embed_dim", embed_dim),
+            ("num_heads", num_heads),
+        ):
             if len(value) != NUM_BRANCHES:
                 raise ValueError(f"{name}: expected one value per branch ({NUM_BRANCHES}), got {value!r}")
         if not isinstance(img_size, int):
@@ -183,8 +208,16 @@ class CrossViT(ClassifierModel):
         start = 0
         for stage_depth, d in zip(stage_depths, depth):
             self.blocks.append(
-                MultiScaleBlock(tuple(embed_dim), d, tuple(num_heads), tuple(mlp_ratio), qkv_bias, drop_rate,
-                                attn_drop_rate, rates[start:start + stage_depth])
+                MultiScaleBlock(
+                    tuple(embed_dim),
+                    d,
+                    tuple(num_heads),
+                    tuple(mlp_ratio),
+                    qkv_bias,
+                    drop_rate,
+                    attn_drop_rate,
+                    rates[start : start + stage_depth],
+                )
             )
             start += stage_depth
         self.norm = nn.ModuleList(layer_norm(dim) for dim in embed_dim)
@@ -201,10 +234,9 @@ class CrossViT(ClassifierModel):
         """(B, C, H, W) images -> per branch (B, 1 + N_b, dim_b) normalised tokens, the class token first."""
         check_image_size(x, (self.img_size, self.img_size))
         xs = []
-        for embed, cls_token, pos, size in zip(self.patch_embed, self.cls_token, self.pos_embedding,
-                                               self.branch_sizes):
-            image = x if size == self.img_size else F.interpolate(
-                x, size=(size, size), mode="bicubic", align_corners=False
+        for embed, cls_token, pos, size in zip(self.patch_embed, self.cls_token, self.pos_embedding, self.branch_sizes):
+            image = (
+                x if size == self.img_size else F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
             )
             tokens = embed(image)
             tokens = torch.cat((cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1) + pos
@@ -220,8 +252,13 @@ class CrossViT(ClassifierModel):
 
 def _crossvit(embed_dim: tuple[int, int], branch_depth: int, num_heads: int, overrides: dict) -> CrossViT:
     config = dict(
-        img_size=240, patch_size=(12, 16), embed_dim=embed_dim, depth=((1, branch_depth, 0),) * 3,
-        num_heads=(num_heads, num_heads), mlp_ratio=(3.0, 3.0, 1.0), qkv_bias=True,
+        img_size=240,
+        patch_size=(12, 16),
+        embed_dim=embed_dim,
+        depth=((1, branch_depth, 0),) * 3,
+        num_heads=(num_heads, num_heads),
+        mlp_ratio=(3.0, 3.0, 1.0),
+        qkv_bias=True,
     )
     return _create(CrossViT, config, overrides)
 

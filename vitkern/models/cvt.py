@@ -168,8 +168,15 @@ class CvT(ClassifierModel):
         for i, (dim, stage_depth, heads, kernel, stride, padding) in enumerate(zip(*per_stage)):
             stages.append(
                 CvTStage(
-                    embed_dim[i - 1] if i > 0 else in_chans, dim, stage_depth, heads, kernel, stride, padding,
-                    mlp_ratio, cls_token=i == len(embed_dim) - 1,
+                    embed_dim[i - 1] if i > 0 else in_chans,
+                    dim,
+                    stage_depth,
+                    heads,
+                    kernel,
+                    stride,
+                    padding,
+                    mlp_ratio,
+                    cls_token=i == len(embed_dim) - 1,
                 )
             )
         self.stages = nn.ModuleList(stages)

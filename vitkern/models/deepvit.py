@@ -163,8 +163,15 @@ class DeepViT(VisionTransformer):
 def deepvit_s(**kwargs) -> DeepViT:
     """DeepViT-S: 396 wide, 16 blocks, re-attention in the last 5 (27M parameters in the paper)."""
     config = dict(
-        patch_size=16, embed_dim=396, depth=16, num_heads=12, mlp_ratio=3.0, re_attention=(False,) * 11 + (True,) * 5,
-        transform_scale=True, scale_adjustment=0.5, use_cnn_embed=True,
+        patch_size=16,
+        embed_dim=396,
+        depth=16,
+        num_heads=12,
+        mlp_ratio=3.0,
+        re_attention=(False,) * 11 + (True,) * 5,
+        transform_scale=True,
+        scale_adjustment=0.5,
+        use_cnn_embed=True,
     )
     return _create(DeepViT, config, kwargs)
 
@@ -174,7 +181,14 @@ def deepvit_l(**kwargs) -> DeepViT:
     """DeepViT-L: 420 wide, 32 blocks, re-attention in the last 12 (55M parameters in the paper; this official
     configuration has 58.9M, see the module docstring)."""
     config = dict(
-        patch_size=16, embed_dim=420, depth=32, num_heads=12, mlp_ratio=3.0, re_attention=(False,) * 20 + (True,) * 12,
-        transform_scale=False, scale_adjustment=0.5, use_cnn_embed=True,
+        patch_size=16,
+        embed_dim=420,
+        depth=32,
+        num_heads=12,
+        mlp_ratio=3.0,
+        re_attention=(False,) * 20 + (True,) * 12,
+        transform_scale=False,
+        scale_adjustment=0.5,
+        use_cnn_embed=True,
     )
     return _create(DeepViT, config, kwargs)

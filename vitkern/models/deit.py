@@ -54,7 +54,10 @@ class DeiT(VisionTransformer):
         distilled: bool = False,
     ) -> None:
         super().__init__(
-            PatchEmbed(img_size, patch_size, in_chans, embed_dim), embed_dim, num_classes, drop_rate,
+            PatchEmbed(img_size, patch_size, in_chans, embed_dim),
+            embed_dim,
+            num_classes,
+            drop_rate,
             distilled=distilled,
         )
         self.blocks = block_stack(

@@ -102,7 +102,13 @@ class LeViTStage(nn.Module):
         dim: int, fmap_size: int, num_heads: int, key_dim: int, value_dim: int, dim_out: int, downsample: bool
     ) -> LeViTAttention:
         attn = LeViTAttention(
-            dim, fmap_size, num_heads, key_dim, value_dim, dim_out=dim_out, downsample=downsample,
+            dim,
+            fmap_size,
+            num_heads,
+            key_dim,
+            value_dim,
+            dim_out=dim_out,
+            downsample=downsample,
             act_layer=nn.Hardswish,
         )
         if downsample:
@@ -159,9 +165,12 @@ class LeViT(ClassifierModel):
         self.distilled = distilled
         c = embed_dim[0]
         self.conv_embedding = nn.Sequential(
-            ConvNorm(in_chans, c // 8, 3, 2, 1), nn.Hardswish(),
-            ConvNorm(c // 8, c // 4, 3, 2, 1), nn.Hardswish(),
-            ConvNorm(c // 4, c // 2, 3, 2, 1), nn.Hardswish(),
+            ConvNorm(in_chans, c // 8, 3, 2, 1),
+            nn.Hardswish(),
+            ConvNorm(c // 8, c // 4, 3, 2, 1),
+            nn.Hardswish(),
+            ConvNorm(c // 4, c // 2, 3, 2, 1),
+            nn.Hardswish(),
             ConvNorm(c // 2, c, 3, 2, 1),
         )
         fmap_size = self.img_size[0] // STEM_STRIDE
@@ -171,8 +180,15 @@ class LeViT(ClassifierModel):
                 prev = embed_dim[i - 1]
                 layers.append(
                     LeViTStage(
-                        prev, fmap_size, 1, prev // key_dim, key_dim, SHRINK_ATTN_RATIO * key_dim, mlp_ratio,
-                        dim_out=dim, downsample=True,
+                        prev,
+                        fmap_size,
+                        1,
+                        prev // key_dim,
+                        key_dim,
+                        SHRINK_ATTN_RATIO * key_dim,
+                        mlp_ratio,
+                        dim_out=dim,
+                        downsample=True,
                     )
                 )
                 fmap_size = (fmap_size - 1) // 2 + 1
@@ -195,8 +211,9 @@ class LeViT(ClassifierModel):
         return x.mean(dim=(2, 3))
 
 
-def _levit(embed_dim: tuple[int, ...], depth: tuple[int, ...], num_heads: tuple[int, ...], key_dim: int,
-           overrides: dict) -> LeViT:
+def _levit(
+    embed_dim: tuple[int, ...], depth: tuple[int, ...], num_heads: tuple[int, ...], key_dim: int, overrides: dict
+) -> LeViT:
     return _create(LeViT, dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, key_dim=key_dim), overrides)
 
 

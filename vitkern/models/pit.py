@@ -46,8 +46,15 @@ class PiTPool(DepthwiseConvBN):
     def __init__(self, dim: int, dim_out: int, stride: int = 2) -> None:
         if dim_out % dim:
             raise ValueError(f"dim_out: expected a multiple of dim {dim}, got {dim_out}")
-        super().__init__(dim, stride + 1, stride, stride // 2, norm=False, multiplier=dim_out // dim,
-                         names=("downsample", "act", "norm"))
+        super().__init__(
+            dim,
+            stride + 1,
+            stride,
+            stride // 2,
+            norm=False,
+            multiplier=dim_out // dim,
+            names=("downsample", "act", "norm"),
+        )
         self.cls_ff = nn.Linear(dim, dim_out)
 
     def forward(self, x: torch.Tensor, cls_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +66,7 @@ class PiTStage(nn.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
-        self.blocks = block_stack(depth, 0.0, dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
-                                  norm_layer=layer_norm)
+        self.blocks = block_stack(depth, 0.0, dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=layer_norm)
 
     def forward(self, x: torch.Tensor, cls_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.blocks(torch.cat((cls_token, to_tokens(x)), dim=1))
@@ -106,9 +112,7 @@ class PiT(ClassifierModel):
         self.to_patch_embedding = nn.Conv2d(in_chans, dims[0], patch_size, stride)
         self.pos_embedding = nn.Parameter(torch.zeros(1, dims[0], grid_h, grid_w))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[0]))
-        self.transformers = nn.ModuleList(
-            [PiTStage(dim, d, h, mlp_ratio) for dim, d, h in zip(dims, depth, num_heads)]
-        )
+        self.transformers = nn.ModuleList([PiTStage(dim, d, h, mlp_ratio) for dim, d, h in zip(dims, depth, num_heads)])
         self.pools = nn.ModuleList([PiTPool(dims[i], dims[i + 1]) for i in range(len(dims) - 1)])
         self.norm = layer_norm(dims[-1])
         self.reset_classifier(num_classes)
@@ -128,8 +132,9 @@ class PiT(ClassifierModel):
         return self.norm(cls_token[:, 0])
 
 
-def _pit(patch_size: int, stride: int, head_dim: int, depth: tuple[int, ...], num_heads: tuple[int, ...],
-         overrides: dict) -> PiT:
+def _pit(
+    patch_size: int, stride: int, head_dim: int, depth: tuple[int, ...], num_heads: tuple[int, ...], overrides: dict
+) -> PiT:
     config = dict(patch_size=patch_size, stride=stride, head_dim=(head_dim,) * 3, depth=depth, num_heads=num_heads)
     return _create(PiT, config, overrides)
 

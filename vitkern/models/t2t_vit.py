@@ -58,8 +58,9 @@ class TokenAttention(nn.Module):
     x: (B, N, dim) -> (B, N, in_dim). The scale is dim ** -0.5 (the input width) as in the paper's code.
     """
 
-    def __init__(self, dim: int, in_dim: int, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, in_dim: int, qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ) -> None:
         super().__init__()
         self.scale = dim**-0.5
         self.attn_drop = attn_drop
@@ -96,8 +97,14 @@ class TokenTransformer(nn.Module):
 class TokensToToken(nn.Module):
     """Soft splits and token transformers: (B, in_chans, *img_size) -> (B, grid * grid, embed_dim)."""
 
-    def __init__(self, img_size: int, in_chans: int, embed_dim: int, token_dim: int = TOKEN_DIM,
-                 t2t_layers: tuple[tuple[int, int], ...] = T2T_LAYERS) -> None:
+    def __init__(
+        self,
+        img_size: int,
+        in_chans: int,
+        embed_dim: int,
+        token_dim: int = TOKEN_DIM,
+        t2t_layers: tuple[tuple[int, int], ...] = T2T_LAYERS,
+    ) -> None:
         super().__init__()
         self.img_size = to_pair("img_size", img_size)
         if self.img_size[0] != self.img_size[1]:
@@ -148,11 +155,21 @@ class T2TViT(VisionTransformer):
     ) -> None:
         patch_embed = TokensToToken(img_size, in_chans, embed_dim, token_dim, t2t_layers)
         super().__init__(
-            patch_embed, embed_dim, num_classes, drop_rate, norm_layer=nn.LayerNorm,
+            patch_embed,
+            embed_dim,
+            num_classes,
+            drop_rate,
+            norm_layer=nn.LayerNorm,
             pos_embed=sinusoid_table(patch_embed.num_patches + 1, embed_dim),
         )
         self.blocks = block_stack(
-            depth, drop_path_rate, embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+            depth,
+            drop_path_rate,
+            embed_dim,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop=drop_rate,
             attn_drop=attn_drop_rate,
         )
         self.init_weights()

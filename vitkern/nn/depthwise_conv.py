@@ -27,8 +27,16 @@ class DepthwiseConv2d(nn.Conv2d):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            channels, channels, kernel_size, stride, padding, dilation, groups=channels, bias=bias,
-            device=device, dtype=dtype,
+            channels,
+            channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups=channels,
+            bias=bias,
+            device=device,
+            dtype=dtype,
         )
 
     @classmethod
@@ -44,8 +52,14 @@ class DepthwiseConv2d(nn.Conv2d):
         if conv.padding_mode != "zeros":
             raise ValueError(f"conv: expected padding_mode 'zeros', got {conv.padding_mode!r}")
         module = cls(
-            conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.bias is not None,
-            device=conv.weight.device, dtype=conv.weight.dtype,
+            conv.in_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
         )
         module.load_state_dict(conv.state_dict())
         return module

@@ -78,8 +78,18 @@ def implementation(op: str, q: torch.Tensor, v: torch.Tensor, bias_mode: int, ha
     """The name of the implementation that the attention op ``op`` runs for query and value tensors like ``q``
     and ``v`` (and a shifted-window mask when ``has_mask``) under the backend in force: what a module needs to know
     to decide what to cache."""
-    call = Call(q.device, q.dtype, {"op": op, "bias_mode": bias_mode, "head_dim": q.shape[-1],
-                                    "value_dim": v.shape[-1], "keys": v.shape[-2], "has_mask": has_mask})
+    call = Call(
+        q.device,
+        q.dtype,
+        {
+            "op": op,
+            "bias_mode": bias_mode,
+            "head_dim": q.shape[-1],
+            "value_dim": v.shape[-1],
+            "keys": v.shape[-2],
+            "has_mask": has_mask,
+        },
+    )
     return REGISTRY.select(call).name
 
 
@@ -163,8 +173,9 @@ def _check_window_mask(mask: torch.Tensor, q: torch.Tensor, tokens: int) -> None
             f"mask: expected num_windows dividing the batch {q.shape[0]} of q, got {mask.shape[0]} windows"
         )
     if mask.requires_grad:
-        raise ValueError("mask: expected a tensor that does not require grad (the mask takes no gradient), got one "
-                         "that does")
+        raise ValueError(
+            "mask: expected a tensor that does not require grad (the mask takes no gradient), got one that does"
+        )
 
 
 def levit_attention(
@@ -238,12 +249,12 @@ def biased_attention(
         check_tensor("bias", bias)
         check_like("bias", bias, "q", q)
         if bias.dim() == 0:
-            raise ValueError("bias: expected 1 to 4 dims broadcastable to (B, heads, Nq, Nk), got a 0-D tensor "
-                             "(a constant bias does not change the softmax: pass None)")
+            raise ValueError(
+                "bias: expected 1 to 4 dims broadcastable to (B, heads, Nq, Nk), got a 0-D tensor "
+                "(a constant bias does not change the softmax: pass None)"
+            )
         full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        if bias.dim() > 4 or any(
-            size not in (1, want) for size, want in zip(reversed(bias.shape), reversed(full))
-        ):
+        if bias.dim() > 4 or any(size not in (1, want) for size, want in zip(reversed(bias.shape), reversed(full))):
             raise ValueError(f"bias: expected a shape broadcastable to {full}, got {tuple(bias.shape)}")
     scale = check_scale(scale)
     bias_mode = BIAS_NONE if bias is None else BIAS_DENSE

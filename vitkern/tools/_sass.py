@@ -45,17 +45,66 @@ _HMMA_SHAPE = re.compile(r"^\.(16|8)(8)(\d+)")  # "16816": m16 n8 k16, "1684": m
 _HGMMA_SHAPE = re.compile(r"^\.(\d+)x(\d+)x(\d+)")
 
 _OPCODE_CLASSES = {
-    "FFMA": "ffma", "FFMA2": "ffma", "HFMA2": "hfma2",
-    "HMMA": "mma", "HGMMA": "mma", "IMMA": "mma", "IGMMA": "mma",
-    "LDS": "lds", "LDSM": "lds", "STS": "sts",
-    "LDG": "ldg", "LD": "ldg", "LDGSTS": "ldg", "UTMALDG": "ldg",
-    "STG": "stg", "ST": "stg", "RED": "stg", "REDG": "stg", "ATOM": "stg", "ATOMG": "stg", "UTMASTG": "stg",
+    "FFMA": "ffma",
+    "FFMA2": "ffma",
+    "HFMA2": "hfma2",
+    "HMMA": "mma",
+    "HGMMA": "mma",
+    "IMMA": "mma",
+    "IGMMA": "mma",
+    "LDS": "lds",
+    "LDSM": "lds",
+    "STS": "sts",
+    "LDG": "ldg",
+    "LD": "ldg",
+    "LDGSTS": "ldg",
+    "UTMALDG": "ldg",
+    "STG": "stg",
+    "ST": "stg",
+    "RED": "stg",
+    "REDG": "stg",
+    "ATOM": "stg",
+    "ATOMG": "stg",
+    "UTMASTG": "stg",
 }
-_INT_OPCODES = frozenset((
-    "IMAD", "IADD3", "VIADD", "IADD", "IMUL", "LEA", "SHF", "SHL", "SHR", "LOP3", "LOP", "ISETP", "IMNMX", "VIMNMX",
-    "VIADDMNMX", "IABS", "SEL", "PRMT", "MOV", "MOV32I", "I2I", "BMSK", "BREV", "FLO", "POPC", "S2R", "S2UR", "CS2R",
-    "LDC", "R2UR", "P2R", "R2P", "PLOP3", "SGXT",
-))
+_INT_OPCODES = frozenset(
+    (
+        "IMAD",
+        "IADD3",
+        "VIADD",
+        "IADD",
+        "IMUL",
+        "LEA",
+        "SHF",
+        "SHL",
+        "SHR",
+        "LOP3",
+        "LOP",
+        "ISETP",
+        "IMNMX",
+        "VIMNMX",
+        "VIADDMNMX",
+        "IABS",
+        "SEL",
+        "PRMT",
+        "MOV",
+        "MOV32I",
+        "I2I",
+        "BMSK",
+        "BREV",
+        "FLO",
+        "POPC",
+        "S2R",
+        "S2UR",
+        "CS2R",
+        "LDC",
+        "R2UR",
+        "P2R",
+        "R2P",
+        "PLOP3",
+        "SGXT",
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -125,8 +174,7 @@ class Mix:
         for ins in instructions:
             if ins.precision is not None:
                 tensor[ins.precision] += ins.macs
-        return cls({kind: counts.get(kind, 0) for kind in CLASSES}, sum(ins.macs for ins in instructions),
-                   dict(tensor))
+        return cls({kind: counts.get(kind, 0) for kind in CLASSES}, sum(ins.macs for ins in instructions), dict(tensor))
 
     @property
     def total(self) -> int:
@@ -170,7 +218,8 @@ class Function:
         for start, end in spans:
             inner = [s for s in spans if s != (start, end) and start <= s[0] and s[1] <= end]
             body = [
-                ins for ins in self.instructions
+                ins
+                for ins in self.instructions
                 if start <= ins.address <= end and not any(lo <= ins.address <= hi for lo, hi in inner)
             ]
             loops.append(Loop(start, end, Mix.of(body), not inner))

@@ -87,8 +87,13 @@ def machine_line(data: dict) -> str:
     cpu = (info.get("cpu") or {}).get("brand_raw") or info.get("processor") or "unknown CPU"
     benches = data.get("benchmarks") or [{}]
     device = (benches[0].get("extra_info") or {}).get("device", "")
-    parts = [str(data.get("datetime", "")).split(".")[0], f"{info.get('node', '')}".strip(), cpu,
-             f"{(info.get('cpu') or {}).get('count', '?')} cores", f"device {device}" if device else ""]
+    parts = [
+        str(data.get("datetime", "")).split(".")[0],
+        f"{info.get('node', '')}".strip(),
+        cpu,
+        f"{(info.get('cpu') or {}).get('count', '?')} cores",
+        f"device {device}" if device else "",
+    ]
     return ", ".join(part for part in parts if part)
 
 

@@ -394,8 +394,15 @@ def cuda_report(
         seen.add(key)
         rows.append(
             KernelResources(
-                "cuda", path.name, name, "", arch, registers=fields["REG"], stack=fields["STACK"],
-                local=fields["LOCAL"], shared=static_shared(arch, fields["SHARED"]),
+                "cuda",
+                path.name,
+                name,
+                "",
+                arch,
+                registers=fields["REG"],
+                stack=fields["STACK"],
+                local=fields["LOCAL"],
+                shared=static_shared(arch, fields["SHARED"]),
             )
         )
     present = {arch for arch, _, _ in usage}
@@ -412,8 +419,18 @@ def _cells(row: KernelResources) -> tuple[str, ...]:
     spills = "-" if row.spill_stores is None else f"{row.spill_stores}/{row.spill_loads}"
     registers = "-" if row.registers is None else str(row.registers)
     status = "; ".join(row.problems()) or "ok"
-    return (row.kind, row.label, str(row.arch), registers, spills, str(row.stack), str(row.local), str(row.shared),
-            str(row.shared_limit), status.replace("\n", " | "))
+    return (
+        row.kind,
+        row.label,
+        str(row.arch),
+        registers,
+        spills,
+        str(row.stack),
+        str(row.local),
+        str(row.shared),
+        str(row.shared_limit),
+        status.replace("\n", " | "),
+    )
 
 
 def format_table(rows: Sequence[KernelResources]) -> str:
@@ -454,11 +471,18 @@ def format_summary(rows: Sequence[KernelResources]) -> str:
         occupancies = [occ for occ in map(register_occupancy, registers) if occ is not None]
         spills = sum((row.spill_stores or 0) + (row.spill_loads or 0) for row in members)
         failing = sum(not row.ok for row in members)
-        table.append((
-            kind, name, str(len({row.config for row in members})), str(max(registers)) if registers else "-",
-            f"{min(occupancies):.0%}" if occupancies else "-", str(spills), str(max(row.shared for row in members)),
-            f"{failing} failing" if failing else "ok",
-        ))
+        table.append(
+            (
+                kind,
+                name,
+                str(len({row.config for row in members})),
+                str(max(registers)) if registers else "-",
+                f"{min(occupancies):.0%}" if occupancies else "-",
+                str(spills),
+                str(max(row.shared for row in members)),
+                f"{failing} failing" if failing else "ok",
+            )
+        )
     widths = [max(len(line[column]) for line in table) for column in range(len(_SUMMARY_COLUMNS))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table)
 

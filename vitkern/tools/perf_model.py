@@ -219,8 +219,15 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 QUICK = {"shapes": ("convnext_t_stage2", "levit128s_s3"), "dtypes": ("fp16",), "layouts": ("nchw",)}
 # --headline: the README's table, the shapes the issue tracks, fp16.
 HEADLINE = {
-    "shapes": ("convmixer_1536_20", "convnext_t_stage2", "replknet_31b_stage1", "coatnet0_s3", "swin_t_windows",
-               "levit128s_s1", "levit128s_shrink1"),
+    "shapes": (
+        "convmixer_1536_20",
+        "convnext_t_stage2",
+        "replknet_31b_stage1",
+        "coatnet0_s3",
+        "swin_t_windows",
+        "levit128s_s1",
+        "levit128s_shrink1",
+    ),
     "dtypes": ("fp16",),
     "layouts": tuple(LAYOUTS),
 }
@@ -277,13 +284,16 @@ class Launch:
         rest_scale = self.blocks * self.warps_per_block
         totals: dict[str, float] = {}
         for precision in set(self.code.hot.tensor_macs) | set(self.code.rest.tensor_macs):
-            totals[precision] = (self.code.hot.tensor_macs.get(precision, 0) * scale
-                                 + self.code.rest.tensor_macs.get(precision, 0) * rest_scale)
+            totals[precision] = (
+                self.code.hot.tensor_macs.get(precision, 0) * scale
+                + self.code.rest.tensor_macs.get(precision, 0) * rest_scale
+            )
         return totals
 
     def blocks_per_sm(self) -> int:
-        return blocks_per_sm(self.code.registers, self.code.static_shared + self.dynamic_shared,
-                             self.warps_per_block * _sass.WARP_SIZE)
+        return blocks_per_sm(
+            self.code.registers, self.code.static_shared + self.dynamic_shared, self.warps_per_block * _sass.WARP_SIZE
+        )
 
 
 def estimate(launch: Launch, device: Device) -> dict[str, float]:
@@ -301,8 +311,9 @@ def estimate(launch: Launch, device: Device) -> dict[str, float]:
         waves = math.ceil(launch.blocks / (device.sms * resident))
         per_warp = launch.warp_instructions() / (launch.blocks * launch.warps_per_block)
         efficiency = min(1.0, resident * launch.warps_per_block / SATURATING_WARPS)
-        issue_us = (waves * resident * launch.warps_per_block * per_warp
-                    / (ISSUE_RATE * device.clock_hz * efficiency) * 1e6)
+        issue_us = (
+            waves * resident * launch.warps_per_block * per_warp / (ISSUE_RATE * device.clock_hz * efficiency) * 1e6
+        )
     return {
         "memory_us": memory_us,
         "math_us": math_us,
@@ -361,8 +372,10 @@ def _params(fn: JITFunction | InterpretedFunction) -> list[tuple[str, bool, bool
     if isinstance(fn, JITFunction):
         return [(p.name, p.is_constexpr, p.do_not_specialize) for p in fn.params]
     fixed = set(fn.kwargs.get("do_not_specialize") or ())
-    return [(p.name, "constexpr" in str(p.annotation), p.name in fixed)
-            for p in inspect.signature(fn.fn).parameters.values()]
+    return [
+        (p.name, "constexpr" in str(p.annotation), p.name in fixed)
+        for p in inspect.signature(fn.fn).parameters.values()
+    ]
 
 
 def launch_spec(call: TritonCall) -> KernelSpec:
@@ -389,17 +402,31 @@ def launch_spec(call: TritonCall) -> KernelSpec:
         else:
             raise TypeError(f"{call.fn.__name__}: argument {name}: unexpected {type(value).__name__}")
     return KernelSpec(
-        call.fn.__name__, call.fn, signature, constexprs,
+        call.fn.__name__,
+        call.fn,
+        signature,
+        constexprs,
         num_warps=call.options.get("num_warps", CUDAOptions.num_warps),
         num_stages=call.options.get("num_stages", CUDAOptions.num_stages),
-        maxnreg=call.options.get("maxnreg"), aligned=tuple(aligned),
+        maxnreg=call.options.get("maxnreg"),
+        aligned=tuple(aligned),
     )
 
 
 def spec_key(spec: KernelSpec) -> str:
     """A stable text key of a spec (what compiles to the same binary)."""
-    return repr((spec.fn.__module__, spec.name, sorted(spec.signature.items()), sorted(spec.constexprs.items()),
-                 spec.num_warps, spec.num_stages, spec.maxnreg, spec.aligned))
+    return repr(
+        (
+            spec.fn.__module__,
+            spec.name,
+            sorted(spec.signature.items()),
+            sorted(spec.constexprs.items()),
+            spec.num_warps,
+            spec.num_stages,
+            spec.maxnreg,
+            spec.aligned,
+        )
+    )
 
 
 def code_of_function(function: _sass.Function, registers: int, static_shared_bytes: int) -> Code:
@@ -461,30 +488,43 @@ def _triton_dwconv(call: TritonCall) -> tuple[Work, float]:
     programs = math.prod(call.grid)
     name = call.fn.__name__
     if name == "_dwconv_fwd_kernel":
-        reads = ["x_ptr", "w_ptr"] + [f"{v}_ptr" for v, flag in
-                                      (("bias", "HAS_BIAS"), ("scale", "HAS_SCALE"), ("shift", "HAS_SHIFT"),
-                                       ("res", "HAS_RESIDUAL")) if a[flag]]
+        reads = ["x_ptr", "w_ptr"] + [
+            f"{v}_ptr"
+            for v, flag in (
+                ("bias", "HAS_BIAS"),
+                ("scale", "HAS_SCALE"),
+                ("shift", "HAS_SHIFT"),
+                ("res", "HAS_RESIDUAL"),
+            )
+            if a[flag]
+        ]
         writes = ["y_ptr"] + (["z_ptr"] if a["SAVE_Z"] else [])
         macs = a["y_ptr"].numel() * a["KH"] * a["KW"]
-        return Work(_tensor_bytes(a, reads), _tensor_bytes(a, writes), macs, "fp32"), \
-            programs * _cdiv(a["KH"] * a["KW"], a["BLOCK_T"])
+        return Work(_tensor_bytes(a, reads), _tensor_bytes(a, writes), macs, "fp32"), programs * _cdiv(
+            a["KH"] * a["KW"], a["BLOCK_T"]
+        )
     if name == "_dwconv_bwd_epilogue_kernel":
-        reads = ["dy_ptr"] + (["z_ptr"] if a["ACTIVATION"] or a["HAS_SCALE"] else []) + \
-            (["scale_ptr"] if a["HAS_SCALE"] else [])
+        reads = (
+            ["dy_ptr"]
+            + (["z_ptr"] if a["ACTIVATION"] or a["HAS_SCALE"] else [])
+            + (["scale_ptr"] if a["HAS_SCALE"] else [])
+        )
         writes = (["gz_ptr"] if a["STORE_GZ"] else []) + (["partial_ptr"] if a["REDUCE"] else [])
         iterations = a["N"] * _cdiv(a["P"], a["BLOCK_P"])
         channel_blocks = programs // a["num_splits"]
         return Work(_tensor_bytes(a, reads), _tensor_bytes(a, writes), 0, "fp32"), channel_blocks * iterations
     if name == "_dwconv_bwd_input_kernel":
         macs = a["gz_ptr"].numel() * a["KH"] * a["KW"]
-        return Work(_tensor_bytes(a, ["gz_ptr", "w_ptr"]), _tensor_bytes(a, ["dx_ptr"]), macs, "fp32"), \
-            programs * _cdiv(a["KH"] * a["KW"], a["BLOCK_T"])
+        return Work(
+            _tensor_bytes(a, ["gz_ptr", "w_ptr"]), _tensor_bytes(a, ["dx_ptr"]), macs, "fp32"
+        ), programs * _cdiv(a["KH"] * a["KW"], a["BLOCK_T"])
     if name == "_dwconv_bwd_weight_kernel":
         macs = a["gz_ptr"].numel() * a["KH"] * a["KW"]
         iterations = a["N"] * _cdiv(a["OH"] * a["OW"], a["BLOCK_P"])
         block_programs = programs // a["num_splits"]
-        return Work(_tensor_bytes(a, ["x_ptr", "gz_ptr"]), _tensor_bytes(a, ["partial_ptr"]), macs, "fp32"), \
-            block_programs * iterations
+        return Work(
+            _tensor_bytes(a, ["x_ptr", "gz_ptr"]), _tensor_bytes(a, ["partial_ptr"]), macs, "fp32"
+        ), block_programs * iterations
     raise ValueError(f"kernel: no work model for {name}")
 
 
@@ -492,8 +532,14 @@ def _table_iterations(a: dict[str, Any], grid: tuple[int, ...]) -> int:
     """Hot-loop (query row) iterations of ``_attention_bwd_table_kernel`` over its grid, its loops replayed."""
     heads, num_dy, g_programs = grid
     num_g_blocks = _cdiv(a["num_bins"], a["BLOCK_G"])
-    bx, q_step, qgw, kgw, qgh, kgh = (a["BLOCK_X"], a["q_step"], a["q_grid_w"], a["k_grid_w"], a["q_grid_h"],
-                                      a["k_grid_h"])
+    bx, q_step, qgw, kgw, qgh, kgh = (
+        a["BLOCK_X"],
+        a["q_step"],
+        a["q_grid_w"],
+        a["k_grid_w"],
+        a["q_grid_h"],
+        a["k_grid_h"],
+    )
     total = 0
     for pid_dy in range(num_dy):
         if a["BIAS_MODE"] == 1:
@@ -533,8 +579,12 @@ def _triton_attention(call: TritonCall) -> tuple[Work, float]:
     unit = "fp32" if q.dtype == torch.float32 else TRITON_DTYPES[q.dtype]
     bias = ["bias_ptr"] if a["BIAS_MODE"] else []
     if name == "_attention_fwd_kernel":
-        work = Work(_tensor_bytes(a, ["q_ptr", "k_ptr", "v_ptr", *bias]), _tensor_bytes(a, ["out_ptr", "lse_ptr"]),
-                    pairs * (d + dv), unit)
+        work = Work(
+            _tensor_bytes(a, ["q_ptr", "k_ptr", "v_ptr", *bias]),
+            _tensor_bytes(a, ["out_ptr", "lse_ptr"]),
+            pairs * (d + dv),
+            unit,
+        )
         return work, programs * _cdiv(nk, a["BLOCK_N"])
     saved = ["dout_ptr", "q_ptr", "k_ptr", "v_ptr", "lse_ptr", *bias]
     if name == "_attention_bwd_dq_kernel":
@@ -542,13 +592,13 @@ def _triton_attention(call: TritonCall) -> tuple[Work, float]:
         work = Work(_tensor_bytes(a, saved + ["out_ptr"]), _tensor_bytes(a, writes), pairs * (2 * d + dv), unit)
         return work, programs * _cdiv(nk, a["BLOCK_N"])
     if name == "_attention_bwd_dkdv_kernel":
-        work = Work(_tensor_bytes(a, saved + ["delta_ptr"]), _tensor_bytes(a, ["dk_ptr", "dv_ptr"]),
-                    pairs * 2 * (d + dv), unit)
+        work = Work(
+            _tensor_bytes(a, saved + ["delta_ptr"]), _tensor_bytes(a, ["dk_ptr", "dv_ptr"]), pairs * 2 * (d + dv), unit
+        )
         return work, programs * _cdiv(nq, a["BLOCK_M"])
     if name == "_attention_bwd_table_kernel":
         # S and dP recomputed: the least a table gradient that does not store dS must do.
-        work = Work(_tensor_bytes(a, saved + ["delta_ptr"]), _tensor_bytes(a, ["partial_ptr"]), pairs * (d + dv),
-                    unit)
+        work = Work(_tensor_bytes(a, saved + ["delta_ptr"]), _tensor_bytes(a, ["partial_ptr"]), pairs * (d + dv), unit)
         return work, _table_iterations(a, call.grid)
     raise ValueError(f"kernel: no work model for {name}")
 
@@ -574,10 +624,21 @@ def conv_calls(shape: ConvShape, dtype: torch.dtype, layout: torch.memory_format
     pad = (k - 1) // 2
     padding, stride, dilation = [pad, k - 1 - pad, pad, k - 1 - pad], [1, 1], [1, 1]
     with intercept_launches(module) as calls:
-        y, z = module.depthwise_conv2d_fwd(x, weight, vector, scale, shift, residual, stride, padding, dilation,
-                                           activation, epilogue)
-        module.depthwise_conv2d_bwd(torch.empty_like(y), x, weight, z, scale, stride, padding, dilation, activation,
-                                    [True, True, True, epilogue, epilogue])
+        y, z = module.depthwise_conv2d_fwd(
+            x, weight, vector, scale, shift, residual, stride, padding, dilation, activation, epilogue
+        )
+        module.depthwise_conv2d_bwd(
+            torch.empty_like(y),
+            x,
+            weight,
+            z,
+            scale,
+            stride,
+            padding,
+            dilation,
+            activation,
+            [True, True, True, epilogue, epilogue],
+        )
     return calls
 
 
@@ -589,11 +650,14 @@ def attention_calls(case: AttentionCase, dtype: torch.dtype) -> list[TritonCall]
     k = _meta(case.batch, case.heads, case.keys, case.head_dim, dtype=dtype)
     v = _meta(case.batch, case.heads, case.keys, case.value_dim, dtype=dtype)
     if case.kind == "rel_pos":
-        bias, mode, geometry = _meta((2 * case.side - 1) ** 2, case.heads, dtype=dtype), module.BIAS_REL_POS, \
-            [case.side, case.side]
+        bias, mode, geometry = (
+            _meta((2 * case.side - 1) ** 2, case.heads, dtype=dtype),
+            module.BIAS_REL_POS,
+            [case.side, case.side],
+        )
     else:
         bias, mode, geometry = _meta(case.heads, case.keys, dtype=dtype), module.BIAS_LEVIT, [case.side, case.stride]
-    scale = case.head_dim ** -0.5
+    scale = case.head_dim**-0.5
     with intercept_launches(module) as calls:
         out, lse = module.attention_fwd(q, k, v, bias, mode, geometry, scale)
         module.attention_bwd(torch.empty_like(out), q, k, v, out, lse, bias, mode, geometry, scale, True)
@@ -681,8 +745,9 @@ def _cuda_work(direction: str, kernel: str, shape: ConvShape, dtype: torch.dtype
     raise ValueError(f"direction: expected one of {CUDA_DIRECTIONS}, got {direction!r}")
 
 
-def cuda_launches(shape: ConvShape, dtype: torch.dtype, layout: str,
-                  plan: Callable[..., list[str]] | None = None) -> list[Launch]:
+def cuda_launches(
+    shape: ConvShape, dtype: torch.dtype, layout: str, plan: Callable[..., list[str]] | None = None
+) -> list[Launch]:
     """The CUDA C++ launches of one training step of a layer, from the plan (the extension's plan op unless given)
     and the extension's SASS."""
     plan = plan_op() if plan is None else plan
@@ -692,8 +757,17 @@ def cuda_launches(shape: ConvShape, dtype: torch.dtype, layout: str,
     activation = GELU if shape.convmixer_epilogue else 0
     launches = []
     for direction in CUDA_DIRECTIONS:
-        entries = plan([shape.batch, shape.channels, shape.size, shape.size], layout == "channels_last",
-                       _CUDA_DTYPES[dtype], [shape.kernel] * 2, [1, 1], padding, [1, 1], activation, direction)
+        entries = plan(
+            [shape.batch, shape.channels, shape.size, shape.size],
+            layout == "channels_last",
+            _CUDA_DTYPES[dtype],
+            [shape.kernel] * 2,
+            [1, 1],
+            padding,
+            [1, 1],
+            activation,
+            direction,
+        )
         for entry in map(PlannedLaunch.parse, entries):
             if entry.kernel not in code:
                 raise ValueError(f"plan: kernel {entry.kernel!r} is not an sm_90 function of vitkern._C")
@@ -703,15 +777,25 @@ def cuda_launches(shape: ConvShape, dtype: torch.dtype, layout: str,
             warps = _cdiv(math.prod(entry.block), _sass.WARP_SIZE)
             hot_macs = kernel_code.hot.macs
             iterations = work.macs / (blocks * warps * hot_macs) if hot_macs else float(kernel_code.hot.total > 0)
-            launches.append(Launch(_short_cuda_name(entry.kernel), kernel_code, blocks, warps, entry.dynamic_shared,
-                                   iterations, True, work))
+            launches.append(
+                Launch(
+                    _short_cuda_name(entry.kernel),
+                    kernel_code,
+                    blocks,
+                    warps,
+                    entry.dynamic_shared,
+                    iterations,
+                    True,
+                    work,
+                )
+            )
     return launches
 
 
 def _short_cuda_name(kernel: str) -> str:
     """``depthwise_conv2d_fwd_kernel<c10::Half, float>`` of a demangled ``void vitkern::dwconv::...(args)``."""
     name = kernel.split("(")[0].removeprefix("void ").replace("c10::", "")
-    return name.rsplit("::", 1)[-1] if "<" not in name else name[name.rfind("::", 0, name.find("<")) + 2:]
+    return name.rsplit("::", 1)[-1] if "<" not in name else name[name.rfind("::", 0, name.find("<")) + 2 :]
 
 
 # --- rows -------------------------------------------------------------------------------------------------------
@@ -750,13 +834,23 @@ def launch_rows(launch: Launch, base: dict[str, str], devices: Sequence[str]) ->
     rows = []
     for device in devices:
         figures = estimate(launch, DEVICES[device])
-        rows.append(Row(
-            **base, kernel=launch.kernel, device=device, floor_us=figures["floor_us"],
-            estimate_us=figures["estimate_us"], fma_share=launch.code.hot.fma_share,
-            blocks_per_sm=launch.blocks_per_sm(), memory_us=figures["memory_us"], math_us=figures["math_us"],
-            issue_us=figures["issue_us"], tensor_us=figures["tensor_us"], registers=launch.code.registers,
-            hot_loop=dict(launch.code.hot.counts),
-        ))
+        rows.append(
+            Row(
+                **base,
+                kernel=launch.kernel,
+                device=device,
+                floor_us=figures["floor_us"],
+                estimate_us=figures["estimate_us"],
+                fma_share=launch.code.hot.fma_share,
+                blocks_per_sm=launch.blocks_per_sm(),
+                memory_us=figures["memory_us"],
+                math_us=figures["math_us"],
+                issue_us=figures["issue_us"],
+                tensor_us=figures["tensor_us"],
+                registers=launch.code.registers,
+                hot_loop=dict(launch.code.hot.counts),
+            )
+        )
     return rows
 
 
@@ -796,8 +890,16 @@ def _triton_launches(case: Case) -> list[tuple[str, KernelSpec, Callable[[Code, 
         work, iterations = work_of(call)
 
         def make(code: Code, dynamic_shared: int, call=call, work=work, iterations=iterations, spec=spec) -> Launch:
-            return Launch(call.fn.__name__.strip("_").removesuffix("_kernel"), code, math.prod(call.grid),
-                          spec.num_warps, dynamic_shared, iterations, False, work)
+            return Launch(
+                call.fn.__name__.strip("_").removesuffix("_kernel"),
+                code,
+                math.prod(call.grid),
+                spec.num_warps,
+                dynamic_shared,
+                iterations,
+                False,
+                work,
+            )
 
         out.append((spec_key(spec), spec, make))
     return out
@@ -815,8 +917,11 @@ def _compile_task(task: tuple[str, str, dict[str, Any]]) -> tuple[Code, int] | s
 def _compile_all(specs: dict[str, KernelSpec], jobs: int) -> dict[str, tuple[Code, int] | str]:
     keys = list(specs)
     tasks = [
-        (specs[key].fn.fn.__module__, specs[key].fn.__name__,
-         {f.name: getattr(specs[key], f.name) for f in fields(KernelSpec) if f.name != "fn"})
+        (
+            specs[key].fn.fn.__module__,
+            specs[key].fn.__name__,
+            {f.name: getattr(specs[key], f.name) for f in fields(KernelSpec) if f.name != "fn"},
+        )
         for key in keys
     ]
     if jobs <= 1 or len(keys) <= 1:
@@ -826,8 +931,9 @@ def _compile_all(specs: dict[str, KernelSpec], jobs: int) -> dict[str, tuple[Cod
         return dict(zip(keys, pool.map(_compile_task, tasks)))
 
 
-def model_rows(selected: Sequence[Case], devices: Sequence[str], jobs: int = 1,
-               backends: Sequence[str] = ("triton", "cuda")) -> list[Row]:
+def model_rows(
+    selected: Sequence[Case], devices: Sequence[str], jobs: int = 1, backends: Sequence[str] = ("triton", "cuda")
+) -> list[Row]:
     """Rows of every launch of every case, on every device (Triton launches compiled once per distinct variant)."""
     planned: list[tuple[Case, str, list | str]] = []
     specs: dict[str, KernelSpec] = {}
@@ -866,18 +972,36 @@ def model_rows(selected: Sequence[Case], devices: Sequence[str], jobs: int = 1,
 
 # --- output -------------------------------------------------------------------------------------------------------
 
-COLUMNS = ("shape", "kernel", "backend", "dtype", "layout", "floor us", "estimate us", "est/floor", "hot FMA share",
-           "blocks/SM")
-JSON_KEYS = ("shape", "kernel", "backend", "dtype", "layout", "floor_us", "estimate_us", "fma_share",
-             "blocks_per_sm")
+COLUMNS = (
+    "shape",
+    "kernel",
+    "backend",
+    "dtype",
+    "layout",
+    "floor us",
+    "estimate us",
+    "est/floor",
+    "hot FMA share",
+    "blocks/SM",
+)
+JSON_KEYS = ("shape", "kernel", "backend", "dtype", "layout", "floor_us", "estimate_us", "fma_share", "blocks_per_sm")
 
 
 def _cells(row: Row) -> tuple[str, ...]:
     if row.error is not None:
         return (row.shape, row.kernel, row.backend, row.dtype, row.layout, "-", "-", "-", "-", f"error: {row.error}")
-    return (row.shape, row.kernel, row.backend, row.dtype, row.layout, f"{row.floor_us:.1f}",
-            f"{row.estimate_us:.1f}", f"{row.ratio:.2f}" if row.ratio is not None else "-",
-            f"{100 * row.fma_share:.0f}%", str(row.blocks_per_sm))
+    return (
+        row.shape,
+        row.kernel,
+        row.backend,
+        row.dtype,
+        row.layout,
+        f"{row.floor_us:.1f}",
+        f"{row.estimate_us:.1f}",
+        f"{row.ratio:.2f}" if row.ratio is not None else "-",
+        f"{100 * row.fma_share:.0f}%",
+        str(row.blocks_per_sm),
+    )
 
 
 def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
@@ -930,9 +1054,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the table; exit status 0 when every row has an estimate, 1 when one failed, 2 on a usage error."""
     args = _parser().parse_args(argv)
     if knobs.runtime.interpret:
-        print("perf_model: TRITON_INTERPRET is set, which turns @triton.jit functions into interpreted ones that "
-              "cannot be compiled for a GPU; run it without: env -u TRITON_INTERPRET python -m "
-              "vitkern.tools.perf_model", file=sys.stderr)
+        print(
+            "perf_model: TRITON_INTERPRET is set, which turns @triton.jit functions into interpreted ones that "
+            "cannot be compiled for a GPU; run it without: env -u TRITON_INTERPRET python -m "
+            "vitkern.tools.perf_model",
+            file=sys.stderr,
+        )
         return 2
     selected = cases(QUICK if args.quick else HEADLINE if args.headline else None, args.filter)
     if not selected:
@@ -941,8 +1068,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = model_rows(selected, args.device, args.jobs, tuple(args.backend or ("triton", "cuda")))
     for device in args.device:
         spec = DEVICES[device]
-        print(f"{spec.name}: {spec.sms} SMs, {spec.clock_hz / 1e9:.2f} GHz, {spec.dram_bytes_per_s / 1e12:.2f} TB/s "
-              f"(an estimate on a model, not a measurement)")
+        print(
+            f"{spec.name}: {spec.sms} SMs, {spec.clock_hz / 1e9:.2f} GHz, {spec.dram_bytes_per_s / 1e12:.2f} TB/s "
+            f"(an estimate on a model, not a measurement)"
+        )
         print(format_table([row for row in rows if row.device == device], args.markdown))
         print()
     failed = [row for row in rows if row.error is not None]
