@@ -296,9 +296,9 @@ def test_opcheck(mode):
             bias = torch.randn(1, 2, 5, 7, device=DEVICE)
     grad_args = [t.clone().requires_grad_() for t in (q, k, v)]
     grad_bias = None if bias is None else bias.clone().requires_grad_()
-    torch.library.opcheck(torch.ops.vitkern.attention, (*grad_args, grad_bias, mode, geometry, 0.25, backend))
+    torch.library.opcheck(torch.ops.vitkern.attention, (*grad_args, grad_bias, None, mode, geometry, 0.25, backend))
     out, lse = _ops().attention_fwd(q, k, v, bias, None, mode, geometry, 0.25)
-    args = (torch.randn_like(out), q, k, v, out, lse, bias, mode, geometry, 0.25, bias is not None, backend)
+    args = (torch.randn_like(out), q, k, v, out, lse, bias, None, mode, geometry, 0.25, bias is not None, backend)
     torch.library.opcheck(torch.ops.vitkern.attention_backward, args)
 
 
