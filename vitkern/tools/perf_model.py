@@ -659,8 +659,8 @@ def attention_calls(case: AttentionCase, dtype: torch.dtype) -> list[TritonCall]
         bias, mode, geometry = _meta(case.heads, case.keys, dtype=dtype), module.BIAS_LEVIT, [case.side, case.stride]
     scale = case.head_dim**-0.5
     with intercept_launches(module) as calls:
-        out, lse = module.attention_fwd(q, k, v, bias, mode, geometry, scale)
-        module.attention_bwd(torch.empty_like(out), q, k, v, out, lse, bias, mode, geometry, scale, True)
+        out, lse = module.attention_fwd(q, k, v, bias, None, mode, geometry, scale)
+        module.attention_bwd(torch.empty_like(out), q, k, v, out, lse, bias, None, mode, geometry, scale, True)
     return calls
 
 
