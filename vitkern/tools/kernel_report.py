@@ -517,7 +517,8 @@ def _archs(text: str) -> tuple[int, ...]:
     return archs
 
 
-def _jobs(text: str) -> int:
+def jobs_argument(text: str) -> int:
+    """argparse type of the tools' --jobs: a positive number of processes."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number of processes, got {text!r}")
     return int(text)
@@ -530,7 +531,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--arch", type=_archs, default=DEFAULT_ARCHS, help="target archs, e.g. 80,90 (default)")
     parser.add_argument("--filter", help="only kernels whose name or config contains this substring")
-    parser.add_argument("--jobs", type=_jobs, default=os.cpu_count() or 1, help="compile processes (default: cores)")
+    parser.add_argument(
+        "--jobs", type=jobs_argument, default=os.cpu_count() or 1, help="compile processes (default: cores)"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows and failures to this JSON file")
     parser.add_argument(
         "--module", action="append", help=f"a Triton kernel module to report (repeatable; default {KERNEL_MODULES})"

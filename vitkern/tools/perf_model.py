@@ -73,6 +73,7 @@ from triton.runtime.jit import JITFunction
 from vitkern.kernels._specs import TRITON_DTYPES, KernelSpec
 from vitkern.tools import _sass
 from vitkern.tools.kernel_report import (
+    jobs_argument,
     compile_inputs,
     demangle,
     extension_path,
@@ -1027,12 +1028,6 @@ def _devices(text: str) -> tuple[str, ...]:
     return names
 
 
-def _jobs(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of processes, got {text!r}")
-    return int(text)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m vitkern.tools.perf_model",
@@ -1045,7 +1040,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--filter", help="only shapes whose name contains this substring")
     parser.add_argument("--device", type=_devices, default=tuple(DEVICES), help="h100,h200 (default: both)")
     parser.add_argument("--backend", choices=("triton", "cuda"), action="append", help="repeatable; default both")
-    parser.add_argument("--jobs", type=_jobs, default=os.cpu_count() or 1, help="compile processes (default: cores)")
+    parser.add_argument(
+        "--jobs", type=jobs_argument, default=os.cpu_count() or 1, help="compile processes (default: cores)"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     return parser
 
