@@ -8,10 +8,13 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from vitkern.tools import bench_report
+
+REPO = Path(__file__).resolve().parents[1]
 
 BENCH_FILE = textwrap.dedent(
     """
@@ -36,11 +39,13 @@ BENCH_FILE = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def bench_run(tmp_path_factory):
+    """The tiny benchmark file run as ``pytest benchmarks`` runs, with benchmarks/conftest.py's progress lines."""
     tmp = tmp_path_factory.mktemp("bench")
     (tmp / "bench_tiny.py").write_text(BENCH_FILE)
+    (tmp / "conftest.py").write_text((REPO / "benchmarks" / "conftest.py").read_text())
     out = tmp / "results.json"
-    subprocess.run(
+    run = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -59,7 +64,19 @@ def results(tmp_path_factory):
         text=True,
         timeout=120,
     )
-    return out
+    return out, run.stdout
+
+
+@pytest.fixture(scope="module")
+def results(bench_run):
+    return bench_run[0]
+
+
+def test_long_runs_print_progress(bench_run):
+    lines = [line for line in bench_run[1].splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] + "]" for line in lines] == [f"[{i}/5]" for i in range(1, 6)], bench_run[1]
+    assert all(" elapsed, about " in line and line.endswith(" left") for line in lines), lines
+    assert "bench_tiny.py::test_case[small-torch_conv2d]" in lines[0], lines[0]
 
 
 def _rows(markdown: str) -> dict[tuple[str, str], list[str]]:
