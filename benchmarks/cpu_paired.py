@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_attention as attention_bench  # noqa: E402
 import test_depthwise_conv as conv_bench  # noqa: E402
 import test_models as models_bench  # noqa: E402
+from _common import BATCH, IMG, NUM_CLASSES  # noqa: E402
 
 import vitkern  # noqa: E402
 from vitkern.models import create_model  # noqa: E402
@@ -63,8 +64,8 @@ def attention_cases(rounds: int) -> None:
 def model_cases(rounds: int, names: list[str]) -> None:
     """Inference of each model on ``eager`` and on ``auto``, the same weights and input, rounds alternating."""
     for name in names:
-        model = create_model(name, num_classes=models_bench.NUM_CLASSES).eval()
-        x = torch.randn(models_bench.BATCH, 3, models_bench.IMG, models_bench.IMG)
+        model = create_model(name, num_classes=NUM_CLASSES).eval()
+        x = torch.randn(BATCH, 3, IMG, IMG)
 
         def run(backend: str, model=model, x=x):
             @torch.no_grad()
@@ -75,7 +76,7 @@ def model_cases(rounds: int, names: list[str]) -> None:
             return step
 
         runs = {backend: run(backend) for backend in models_bench.BACKENDS}
-        report(f"{name} inference batch {models_bench.BATCH}", _tuning.best_times(runs, max(3, rounds // 4)), "auto")
+        report(f"{name} inference batch {BATCH}", _tuning.best_times(runs, max(3, rounds // 4)), "auto")
 
 
 def main() -> None:

@@ -24,8 +24,6 @@ are small so that the file runs in a few minutes on 2 cores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import vitkern
 from vitkern import reference
 from vitkern.testing import assert_close
+from vitkern.tools.cases import AttentionCase
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
@@ -49,59 +48,36 @@ LONG_TOKENS = 4096
 LONG_ROUNDS_CPU = 2
 
 
-@dataclass(frozen=True)
-class Case:
-    """One attention shape. ``kind`` "rel_pos": window (side, side); "levit": resolution R = side and ``stride``."""
-
-    name: str
-    kind: str
-    batch: int
-    heads: int
-    side: int
-    head_dim: int
-    value_dim: int
-    stride: int = 1
-
-    @property
-    def queries(self) -> int:
-        rows = (self.side - 1) // self.stride + 1
-        return rows * rows
-
-    @property
-    def keys(self) -> int:
-        return self.side * self.side
-
-
 def _batch(gpu: int, cpu: int) -> int:
     return gpu if ON_CUDA else cpu
 
 
 CASES = [
     # CoAtNet-0 at 224: stage 3 is 14x14 with 384 channels (12 heads of 32), stage 4 7x7 with 768 (24 heads).
-    Case("coatnet0_s3", "rel_pos", _batch(64, 2), 12, 14, 32, 32),
-    Case("coatnet0_s4", "rel_pos", _batch(64, 4), 24, 7, 32, 32),
+    AttentionCase("coatnet0_s3", "rel_pos", _batch(64, 2), 12, 14, 32, 32),
+    AttentionCase("coatnet0_s4", "rel_pos", _batch(64, 4), 24, 7, 32, 32),
     # Swin-T stage 1: 7x7 windows, 3 heads of 32, 64 windows per 224 image.
-    Case("swin_t_windows", "rel_pos", _batch(64 * 64, 64), 3, 7, 32, 32),
+    AttentionCase("swin_t_windows", "rel_pos", _batch(64 * 64, 64), 3, 7, 32, 32),
     # LeViT-128S: key dim 16, values 2x (4x in shrink attention), resolutions 14, 7, 4; heads 4, 6, 8.
-    Case("levit128s_s1", "levit", _batch(128, 4), 4, 14, 16, 32),
-    Case("levit128s_shrink1", "levit", _batch(128, 4), 8, 14, 16, 64, stride=2),
-    Case("levit128s_s2", "levit", _batch(128, 8), 6, 7, 16, 32),
-    Case("levit128s_shrink2", "levit", _batch(128, 8), 16, 7, 16, 64, stride=2),
-    Case("levit128s_s3", "levit", _batch(128, 16), 8, 4, 16, 32),
+    AttentionCase("levit128s_s1", "levit", _batch(128, 4), 4, 14, 16, 32),
+    AttentionCase("levit128s_shrink1", "levit", _batch(128, 4), 8, 14, 16, 64, stride=2),
+    AttentionCase("levit128s_s2", "levit", _batch(128, 8), 6, 7, 16, 32),
+    AttentionCase("levit128s_shrink2", "levit", _batch(128, 8), 16, 7, 16, 64, stride=2),
+    AttentionCase("levit128s_s3", "levit", _batch(128, 16), 8, 4, 16, 32),
     # LeViT-256: key dim 32, heads 4, 6, 8 at resolutions 14, 7, 4.
-    Case("levit256_s1", "levit", _batch(128, 4), 4, 14, 32, 64),
-    Case("levit256_shrink1", "levit", _batch(128, 4), 8, 14, 32, 128, stride=2),
-    Case("levit256_s2", "levit", _batch(128, 8), 6, 7, 32, 64),
-    Case("levit256_s3", "levit", _batch(128, 16), 8, 4, 32, 64),
+    AttentionCase("levit256_s1", "levit", _batch(128, 4), 4, 14, 32, 64),
+    AttentionCase("levit256_shrink1", "levit", _batch(128, 4), 8, 14, 32, 128, stride=2),
+    AttentionCase("levit256_s2", "levit", _batch(128, 8), 6, 7, 32, 64),
+    AttentionCase("levit256_s3", "levit", _batch(128, 16), 8, 4, 32, 64),
     # One long sequence: a 64x64 window, 4096 tokens.
-    Case("long_4096", "rel_pos", _batch(4, 1), _batch(8, 1), 64, 64, 64),
+    AttentionCase("long_4096", "rel_pos", _batch(4, 1), _batch(8, 1), 64, 64, 64),
 ]
 IMPLS = ("reference", "sdpa", "flex", "vitkern", "triton", "cuda")
 GPU_ONLY_IMPLS = ("triton", "cuda")
 MODES = ("forward", "forward_backward")
 
 
-def make_inputs(case: Case) -> tuple[torch.Tensor, ...]:
+def make_inputs(case: AttentionCase) -> tuple[torch.Tensor, ...]:
     """q, k, v and the learned bias parameter: a table ((2W-1)^2, heads) or LeViT biases (heads, R*R)."""
 
     def rand(*shape: int) -> torch.Tensor:
@@ -117,14 +93,14 @@ def make_inputs(case: Case) -> tuple[torch.Tensor, ...]:
     return q, k, v, bias
 
 
-def gathered_bias(case: Case, bias: torch.Tensor) -> torch.Tensor:
+def gathered_bias(case: AttentionCase, bias: torch.Tensor) -> torch.Tensor:
     """(heads, Nq, Nk), gathered by indexing as the seed code and timm do."""
     if case.kind == "rel_pos":
         return reference.rel_pos_bias(bias, (case.side, case.side))
     return reference.levit_bias(bias, case.side, case.stride)
 
 
-def flex_score_mod(case: Case, bias: torch.Tensor):
+def flex_score_mod(case: AttentionCase, bias: torch.Tensor):
     """A ``score_mod`` that reads the learned bias parameter from token coordinates, as a FlexAttention user would."""
     side, stride = case.side, case.stride
     q_side = (side - 1) // stride + 1
@@ -145,7 +121,7 @@ def flex_score_mod(case: Case, bias: torch.Tensor):
     return score_mod
 
 
-def check_output(case: Case, fn, inputs: tuple[torch.Tensor, ...]) -> None:
+def check_output(case: AttentionCase, fn, inputs: tuple[torch.Tensor, ...]) -> None:
     """The benchmarked callable computes the op: its output against the reference (DESIGN.md tolerances)."""
     with torch.no_grad():
         actual = fn(*inputs)
@@ -155,7 +131,7 @@ def check_output(case: Case, fn, inputs: tuple[torch.Tensor, ...]) -> None:
     assert_close(actual, expected, same_dtype)
 
 
-def attention_fn(case: Case, impl: str):
+def attention_fn(case: AttentionCase, impl: str):
     """A callable (q, k, v, bias) -> out for one implementation."""
     if impl == "reference":
         if case.kind == "rel_pos":
@@ -222,7 +198,7 @@ def record_memory(benchmark, run, inputs: tuple[torch.Tensor, ...]) -> None:
     benchmark.extra_info["memory_note"] = "CPU: sizes of the storages aten ops returned, not an allocator peak"
 
 
-def record_flops(benchmark, case: Case, backward: bool) -> None:
+def record_flops(benchmark, case: AttentionCase, backward: bool) -> None:
     """Achieved FLOP/s from the fastest round, and its fraction of the device's peak (CUDA only)."""
     flops = 2 * case.batch * case.heads * case.queries * case.keys * (case.head_dim + case.value_dim)
     if backward:
@@ -253,7 +229,7 @@ def make_runner(fn, inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor, ba
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_attention(benchmark, case: Case, impl: str, mode: str) -> None:
+def test_attention(benchmark, case: AttentionCase, impl: str, mode: str) -> None:
     if impl == "flex" and not ON_CUDA:
         pytest.skip("FlexAttention runs on CUDA only here: torch has no FlexAttention backward on CPU")
     if impl in GPU_ONLY_IMPLS and not ON_CUDA:

@@ -156,9 +156,9 @@ def check_against_seed(
             assert torch.equal(buf, seed_buffers[name]), name
 
 
-def rel_pos_pair(inp, oup, image_size, heads, dim_head):
-    seed = randomize(SeedCoAtNetAttention(inp, oup, image_size, heads, dim_head)).to(DEVICE)
-    module = RelPosAttention(inp, oup, image_size, heads, dim_head).to(DEVICE)
+def rel_pos_pair(inp, oup, image_size, num_heads, head_dim):
+    seed = randomize(SeedCoAtNetAttention(inp, oup, image_size, num_heads, head_dim)).to(DEVICE)
+    module = RelPosAttention(inp, oup, image_size, num_heads=num_heads, head_dim=head_dim).to(DEVICE)
     module.load_state_dict(seed.state_dict(), strict=True)
     return seed, module
 
@@ -176,36 +176,61 @@ def levit_pair(dim, fmap_size, heads, dim_key, dim_value, dim_out=None, downsamp
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "inp, oup, image_size, heads, dim_head",
+    "inp, oup, image_size, num_heads, head_dim",
     [
         (16, 24, (4, 4), 2, 8),
         (12, 12, (2, 3), 3, 16),
-        (8, 8, (3, 3), 1, 8),  # heads == 1 and dim_head == inp: to_out is the identity
+        (8, 8, (3, 3), 1, 8),  # num_heads == 1 and head_dim == inp: to_out is the identity
         (16, 32, (7, 7), 1, 32),
     ],
 )
-def test_rel_pos_attention_matches_seed(backend, inp, oup, image_size, heads, dim_head):
-    seed, module = rel_pos_pair(inp, oup, image_size, heads, dim_head)
+def test_rel_pos_attention_matches_seed(backend, inp, oup, image_size, num_heads, head_dim):
+    seed, module = rel_pos_pair(inp, oup, image_size, num_heads, head_dim)
     x = torch.randn(2, image_size[0] * image_size[1], inp, device=DEVICE)
     check_against_seed(module, seed, x, backend)
 
 
 def test_rel_pos_attention_identity_projection_has_no_out_parameters():
-    module = RelPosAttention(8, 8, (3, 3), heads=1, dim_head=8)
+    module = RelPosAttention(8, 8, (3, 3), num_heads=1, head_dim=8)
     assert isinstance(module.to_out, nn.Identity)
     assert sorted(name for name, _ in module.named_parameters()) == ["relative_bias_table", "to_qkv.weight"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dim_head", [8, 32])
-def test_rel_pos_attention_inference_matches_seed(backend, dim_head):
+@pytest.mark.parametrize("head_dim", [8, 32])
+def test_rel_pos_attention_inference_matches_seed(backend, head_dim):
     """Without autograd; on "auto" with CPU tensors head dim 32 takes the CPU path's SDPA branch."""
-    seed, module = rel_pos_pair(16, 16, (4, 4), 2, dim_head)
+    seed, module = rel_pos_pair(16, 16, (4, 4), 2, head_dim)
     seed.eval()
     module.eval()
     x = torch.randn(3, 16, 16, device=DEVICE)
     with torch.no_grad(), vitkern.backend(backend):
         assert_close(module(x), seed(x))
+
+
+def test_rel_pos_attention_old_keywords_warn_and_build_the_same_module():
+    """``heads=`` and ``dim_head=`` (the seed's names) still work for one release, each with a DeprecationWarning
+    naming its replacement, and build the module ``num_heads=`` / ``head_dim=`` build."""
+    torch.manual_seed(0)
+    new = RelPosAttention(16, 24, (4, 4), num_heads=2, head_dim=8)
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning) as record:
+        old = RelPosAttention(16, 24, (4, 4), heads=2, dim_head=8)
+    messages = sorted(str(w.message) for w in record if issubclass(w.category, DeprecationWarning))
+    assert len(messages) == 2
+    assert "dim_head= is deprecated, use head_dim=" in messages[0]
+    assert "heads= is deprecated, use num_heads=" in messages[1]
+    assert all(w.filename == __file__ for w in record), "the warnings point at the caller"
+    assert (old.num_heads, old.head_dim) == (new.num_heads, new.head_dim) == (2, 8)
+    assert old.state_dict().keys() == new.state_dict().keys()
+    for key, value in new.state_dict().items():
+        assert torch.equal(old.state_dict()[key], value), key
+    with pytest.warns(DeprecationWarning, match="use num_heads"):
+        assert old.heads == 2
+    with pytest.warns(DeprecationWarning, match="use head_dim"):
+        assert old.dim_head == 8
+    with pytest.raises(TypeError, match="heads.*num_heads"):
+        RelPosAttention(16, 24, (4, 4), num_heads=4, heads=2)
 
 
 def test_rel_pos_attention_does_not_modify_input():
@@ -398,13 +423,13 @@ def test_mismatched_saved_index_is_an_error():
 
 
 def test_rel_pos_attention_wrong_token_count():
-    module = RelPosAttention(16, 16, (4, 4), heads=2, dim_head=8)
+    module = RelPosAttention(16, 16, (4, 4), num_heads=2, head_dim=8)
     with pytest.raises(ValueError, match=r"x: expected \(batch, 16, 16\).*got \(2, 15, 16\)"):
         module(torch.randn(2, 15, 16))
 
 
 def test_rel_pos_attention_wrong_channels_and_rank():
-    module = RelPosAttention(16, 16, (4, 4), heads=2, dim_head=8)
+    module = RelPosAttention(16, 16, (4, 4), num_heads=2, head_dim=8)
     with pytest.raises(ValueError, match=r"got \(2, 16, 12\)"):
         module(torch.randn(2, 16, 12))
     with pytest.raises(ValueError, match=r"got \(2, 16, 4, 4\)"):

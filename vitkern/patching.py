@@ -176,10 +176,16 @@ def _window_attention_forward(self, x: torch.Tensor, mask: torch.Tensor | None =
     return self.proj_drop(self.proj(x))
 
 
+def _levit_attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int) -> torch.Tensor:
+    """q, k, v (B, heads, N, D) through levit_attention with the module's ``attention_biases``, resolution and
+    scale."""
+    biases = module.attention_biases.to(q.dtype)
+    return levit_attention(q, k, v, biases, module.resolution[0], stride, module.scale)
+
+
 def _levit_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     """timm/models/levit.py ``Attention.forward`` with the attention on levit_attention: the biases are read from
     ``attention_biases`` inside the kernel, so timm's eval-mode gathered-bias cache is neither read nor filled."""
-    resolution = self.resolution[0]
     if self.use_conv:
         batch, _, height, width = x.shape
         q, k, v = (
@@ -187,30 +193,14 @@ def _levit_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
             .view(batch, self.num_heads, -1, height * width)
             .split([self.key_dim, self.key_dim, self.val_dim], dim=2)
         )
-        out = levit_attention(
-            q.transpose(-2, -1),
-            k.transpose(-2, -1),
-            v.transpose(-2, -1),
-            self.attention_biases.to(q.dtype),
-            resolution,
-            1,
-            self.scale,
-        )
+        out = _levit_attend(self, q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1), 1)
         x = out.transpose(-2, -1).reshape(batch, -1, height, width)
     else:
         batch, tokens, _ = x.shape
         q, k, v = (
             self.qkv(x).view(batch, tokens, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
         )
-        out = levit_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            self.attention_biases.to(q.dtype),
-            resolution,
-            1,
-            self.scale,
-        )
+        out = _levit_attend(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 1)
         x = out.transpose(1, 2).reshape(batch, tokens, self.val_attn_dim)
     return self.proj(x)
 
@@ -218,35 +208,18 @@ def _levit_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
 def _levit_downsample_forward(self, x: torch.Tensor) -> torch.Tensor:
     """timm/models/levit.py ``AttentionDownsample.forward``: queries on the stride grid, levit_attention's shrink
     form."""
-    resolution = self.resolution[0]
     if self.use_conv:
         batch, _, height, width = x.shape
         out_h, out_w = (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
         k, v = self.kv(x).view(batch, self.num_heads, -1, height * width).split([self.key_dim, self.val_dim], dim=2)
         q = self.q(x).view(batch, self.num_heads, self.key_dim, -1)
-        out = levit_attention(
-            q.transpose(-2, -1),
-            k.transpose(-2, -1),
-            v.transpose(-2, -1),
-            self.attention_biases.to(q.dtype),
-            resolution,
-            self.stride,
-            self.scale,
-        )
+        out = _levit_attend(self, q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1), self.stride)
         x = out.transpose(-2, -1).reshape(batch, self.val_attn_dim, out_h, out_w)
     else:
         batch, tokens, _ = x.shape
         k, v = self.kv(x).view(batch, tokens, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
         q = self.q(x).view(batch, -1, self.num_heads, self.key_dim).transpose(1, 2)
-        out = levit_attention(
-            q,
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            self.attention_biases.to(q.dtype),
-            resolution,
-            self.stride,
-            self.scale,
-        )
+        out = _levit_attend(self, q, k.transpose(1, 2), v.transpose(1, 2), self.stride)
         x = out.transpose(1, 2).reshape(batch, -1, self.val_attn_dim)
     return self.proj(x)
 

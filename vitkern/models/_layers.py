@@ -13,7 +13,7 @@ convolution with BatchNorm (:class:`DepthwiseConvBN`) live here too: each family
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -178,16 +178,19 @@ class Mlp(nn.Module):
 
 
 class MultiHeadAttentionBase(nn.Module):
-    """What self- and cross-attention share: heads, scale, attention dropout and the output projection ``to_out``.
+    """What self- and cross-attention share: heads, scale, attention dropout, the output projection ``to_out`` and
+    the constructor.
 
     ``head_dim`` defaults to dim // num_heads; ``qk_scale`` to head_dim ** -0.5. Subclasses add their q/k/v
-    projections of width ``inner_dim`` (= num_heads * head_dim).
+    projections of width ``inner_dim`` (= num_heads * head_dim) in :meth:`build_projections`, which the constructor
+    calls last.
     """
 
     def __init__(
         self,
         dim: int,
         num_heads: int = 8,
+        qkv_bias: bool = False,
         qk_scale: float | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
@@ -201,6 +204,11 @@ class MultiHeadAttentionBase(nn.Module):
         self.attn_drop = attn_drop
         self.to_out = nn.Linear(self.inner_dim, dim)
         self.out_drop = nn.Dropout(proj_drop)
+        self.build_projections(dim, qkv_bias)
+
+    def build_projections(self, dim: int, bias: bool) -> None:
+        """Add the q/k/v projections from width ``dim`` to ``inner_dim`` (with biases when ``bias``)."""
+        raise NotImplementedError
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Per-head (B, H, N, D) q, k, v -> the projected (B, Nq, dim) output (SDPA off the ``eager`` backend)."""
@@ -216,21 +224,12 @@ class Attention(MultiHeadAttentionBase):
     """Multi-head self-attention with lucidrains/vit-pytorch's names (``vit_pytorch/vit.py`` ``Attention``:
     ``to_qkv``, ``to_out``).
 
-    x: (B, N, dim) -> (B, N, dim). Runs on SDPA on every backend but ``eager``.
+    x: (B, N, dim) -> (B, N, dim). Runs on SDPA on every backend but ``eager``. Constructor arguments: those of
+    :class:`MultiHeadAttentionBase`.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        qkv_bias: bool = False,
-        qk_scale: float | None = None,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        head_dim: int | None = None,
-    ) -> None:
-        super().__init__(dim, num_heads, qk_scale, attn_drop, proj_drop, head_dim)
-        self.to_qkv = nn.Linear(dim, self.inner_dim * 3, bias=qkv_bias)
+    def build_projections(self, dim: int, bias: bool) -> None:
+        self.to_qkv = nn.Linear(dim, self.inner_dim * 3, bias=bias)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, dim) -> q, k, v, each (B, heads, N, head_dim)."""
@@ -247,22 +246,12 @@ class CrossAttention(MultiHeadAttentionBase):
 
     x: (B, Nq, dim), context: (B, Nk, dim) (None: x itself) -> (B, Nq, dim). With ``kv_include_self`` the keys and
     values are ``cat(x, context)``, as that cross attention lets the class token attend to itself. Runs on SDPA
-    on every backend but ``eager``.
+    on every backend but ``eager``. Constructor arguments: those of :class:`MultiHeadAttentionBase`.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        qkv_bias: bool = False,
-        qk_scale: float | None = None,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        head_dim: int | None = None,
-    ) -> None:
-        super().__init__(dim, num_heads, qk_scale, attn_drop, proj_drop, head_dim)
-        self.to_q = nn.Linear(dim, self.inner_dim, bias=qkv_bias)
-        self.to_kv = nn.Linear(dim, self.inner_dim * 2, bias=qkv_bias)
+    def build_projections(self, dim: int, bias: bool) -> None:
+        self.to_q = nn.Linear(dim, self.inner_dim, bias=bias)
+        self.to_kv = nn.Linear(dim, self.inner_dim * 2, bias=bias)
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, kv_include_self: bool = False
@@ -348,12 +337,36 @@ def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
     return [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
 
 
-def block_stack(depth: int, drop_path_rate: float, dim: int, num_heads: int, **block_kwargs) -> nn.Sequential:
-    """``depth`` Blocks of width ``dim`` with stochastic-depth rates from ``drop_path_rates``; ``block_kwargs`` go
-    to every Block."""
+def block_stack(
+    depth: int,
+    drop_path_rate: float,
+    dim: int,
+    num_heads: int,
+    block_layer: Callable[..., nn.Module] = Block,
+    attn_layer: Callable[..., nn.Module] | Sequence[Callable[..., nn.Module]] = Attention,
+    **block_kwargs,
+) -> nn.Sequential:
+    """``depth`` blocks ``block_layer(dim, num_heads, drop_path=, attn_layer=, **block_kwargs)`` with stochastic-depth
+    rates from ``drop_path_rates``. ``attn_layer`` is one attention constructor for every block or a sequence of one
+    per block."""
+    attn_layers = list(attn_layer) if isinstance(attn_layer, Sequence) else [attn_layer] * depth
+    if len(attn_layers) != depth:
+        raise ValueError(f"attn_layer: expected one attention per block ({depth}), got {len(attn_layers)}")
+    rates = drop_path_rates(drop_path_rate, depth)
     return nn.Sequential(
-        *(Block(dim, num_heads, drop_path=rate, **block_kwargs) for rate in drop_path_rates(drop_path_rate, depth))
+        *(
+            block_layer(dim, num_heads, drop_path=rate, attn_layer=layer, **block_kwargs)
+            for rate, layer in zip(rates, attn_layers)
+        )
     )
+
+
+def check_stage_lengths(names: str, *per_stage: Sequence) -> None:
+    """Raise ValueError unless the per-stage sequences ``per_stage`` (the arguments ``names``, comma-separated)
+    have one length, naming them and their lengths."""
+    lengths = [len(value) for value in per_stage]
+    if len(set(lengths)) != 1:
+        raise ValueError(f"{names}: expected one entry per stage each, got lengths {lengths}")
 
 
 # --- the classifier interface and the ViT trunk ----------------------------------------------------------------
@@ -438,32 +451,58 @@ class ClassifierModel(nn.Module):
 
 class VisionTransformer(ClassifierModel):
     """The ViT trunk of DeiT, CaiT, DeepViT and T2T-ViT (timm's ``VisionTransformer``, with lucidrains/vit-pytorch's
-    parameter names): ``to_patch_embedding`` (any module mapping images to (B, N, embed_dim) tokens with a
-    ``num_patches`` attribute), a class token ``cls_token`` and, when ``distilled``, a ``distillation_token`` after
-    it, a position embedding ``pos_embedding`` over those prefix tokens and the patches, ``dropout``, the blocks the
-    subclass sets as ``blocks``, the final ``norm`` and the heads on the class (and distillation) token.
+    parameter names): ``to_patch_embedding``, a class token ``cls_token`` and, when ``distilled``, a
+    ``distillation_token`` after it, a position embedding ``pos_embedding`` over those prefix tokens and the patches,
+    ``dropout``, ``depth`` blocks (named ``blocks_name``, ``blocks`` unless a subclass says otherwise), the final
+    ``norm`` and the heads on the class (and distillation) token.
 
-    ``pos_embed`` None learns the position embedding; a fixed (1, tokens, embed_dim) table is kept as a
-    non-persistent buffer instead (T2T-ViT). With ``late_class_token`` (CaiT) the position embedding covers the
-    patches only and :meth:`embed_tokens` leaves the class token out: the subclass adds it later. Subclasses call
-    :meth:`init_weights` last.
+    Args (timm's names and defaults, ViT-B/16):
+        img_size, patch_size, in_chans, embed_dim: the patch embedding ``embed_layer(img_size=, patch_size=,
+            in_chans=, embed_dim=)``, any module mapping images to (B, N, embed_dim) tokens with a ``num_patches``
+            attribute.
+        depth, num_heads, mlp_ratio, qkv_bias: the blocks, :func:`block_stack` of ``block_layer`` with
+            ``attn_layer`` (one for every block or one per block); ``block_kwargs`` go to every block.
+        drop_rate: dropout after the position embedding and in every block. attn_drop_rate, drop_path_rate: the
+            blocks' attention dropout and stochastic depth.
+        norm_layer: the blocks' and the final norm.
+        pos_embed: None learns the position embedding; ``pos_embed(tokens, embed_dim)`` -> a fixed
+            (1, tokens, embed_dim) table is kept as a non-persistent buffer instead (T2T-ViT).
+        late_class_token: the position embedding covers the patches only and :meth:`embed_tokens` leaves the class
+            token out; the subclass adds it later (CaiT).
+
+    ``mlp_ratio`` and ``qkv_bias`` stay as attributes for subclasses that add blocks of their own. Subclasses call
+    :meth:`init_weights` last, after adding their own modules.
     """
 
     legacy_head_names = {"mlp_head": "head", "distill_mlp": "head_dist"}
+    blocks_name = "blocks"
 
     def __init__(
         self,
-        patch_embed: nn.Module,
-        embed_dim: int,
-        num_classes: int,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
         drop_rate: float = 0.0,
-        norm_layer: Callable[[int], nn.Module] = layer_norm,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
         distilled: bool = False,
+        embed_layer: Callable[..., nn.Module] = PatchEmbed,
+        norm_layer: Callable[[int], nn.Module] = layer_norm,
+        pos_embed: Callable[[int, int], torch.Tensor] | None = None,
         late_class_token: bool = False,
-        pos_embed: torch.Tensor | None = None,
+        **block_kwargs,
     ) -> None:
         super().__init__()
+        patch_embed = embed_layer(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         self.embed_dim = self.num_features = embed_dim
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
         self.distilled = self.distilled_training = distilled
         self.late_class_token = late_class_token
         self.num_prefix_tokens = 2 if distilled else 1
@@ -474,14 +513,26 @@ class VisionTransformer(ClassifierModel):
         if pos_embed is None:
             self.pos_embedding = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
         else:
-            if tuple(pos_embed.shape) != (1, num_tokens, embed_dim):
-                raise ValueError(
-                    f"pos_embed: expected shape {(1, num_tokens, embed_dim)}, got {tuple(pos_embed.shape)}"
-                )
-            self.register_buffer("pos_embedding", pos_embed, persistent=False)
+            table = pos_embed(num_tokens, embed_dim)
+            if tuple(table.shape) != (1, num_tokens, embed_dim):
+                raise ValueError(f"pos_embed: expected shape {(1, num_tokens, embed_dim)}, got {tuple(table.shape)}")
+            self.register_buffer("pos_embedding", table, persistent=False)
         self.dropout = nn.Dropout(drop_rate)
         self.norm = norm_layer(embed_dim)
         self.reset_classifier(num_classes)
+        blocks = block_stack(
+            depth,
+            drop_path_rate,
+            embed_dim,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop=drop_rate,
+            attn_drop=attn_drop_rate,
+            norm_layer=norm_layer,
+            **block_kwargs,
+        )
+        self.add_module(self.blocks_name, blocks)
 
     def init_weights(self) -> None:
         """Truncated-normal tokens and learned position embedding, then :func:`trunc_normal_init` everywhere."""
@@ -505,7 +556,7 @@ class VisionTransformer(ClassifierModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, prefix + patches, embed_dim) normalised tokens."""
-        return self.norm(self.blocks(self.embed_tokens(x)))
+        return self.norm(getattr(self, self.blocks_name)(self.embed_tokens(x)))
 
     def pool_features(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Tokens -> the class token (B, embed_dim), with the distillation token in a distilled model."""

@@ -25,17 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from vitkern.models._layers import (
-    Attention,
-    CrossAttention,
-    DropPath,
-    LayerScale,
-    Mlp,
-    PatchEmbed,
-    VisionTransformer,
-    block_stack,
-    layer_norm,
-)
+from vitkern.models._layers import Attention, Block, CrossAttention, VisionTransformer, layer_norm
 from vitkern.models._registry import _create, register_model
 
 
@@ -71,30 +61,21 @@ class TalkingHeadAttention(Attention):
         return self.project(torch.matmul(attn, v))
 
 
-class ClassAttentionBlock(nn.Module):
-    """Class-attention block: the class token attends to itself and the patches, then goes through the Mlp; the
-    patches are left unchanged. cls: (B, 1, dim), x: (B, N, dim) -> (B, 1, dim)."""
+class ClassAttentionBlock(Block):
+    """Class-attention block: the class token attends to itself and the patches (:class:`CrossAttention`), then
+    goes through the Mlp; the patches are left unchanged. cls: (B, 1, dim), x: (B, N, dim) -> (B, 1, dim). The
+    other keywords are :class:`Block`'s."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        init_values: float = 1e-5,
-    ) -> None:
-        super().__init__()
-        self.norm1 = layer_norm(dim)
-        self.attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
-        self.ls1 = LayerScale(dim, init_values)
-        self.drop_path1 = DropPath(drop_path)
-        self.norm2 = layer_norm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-        self.ls2 = LayerScale(dim, init_values)
-        self.drop_path2 = DropPath(drop_path)
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, init_values: float = 1e-5, **kwargs) -> None:
+        super().__init__(
+            dim,
+            num_heads,
+            qkv_bias=qkv_bias,
+            init_values=init_values,
+            norm_layer=layer_norm,
+            attn_layer=CrossAttention,
+            **kwargs,
+        )
 
     def forward(self, cls: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         attended = self.attn(self.norm1(cls), context=self.norm1(x), kv_include_self=True)
@@ -103,48 +84,38 @@ class ClassAttentionBlock(nn.Module):
 
 
 class CaiT(VisionTransformer):
-    """Class-attention image transformer. Input (B, in_chans, img_size, img_size) -> logits (B, num_classes)."""
+    """Class-attention image transformer. Input (B, in_chans, img_size, img_size) -> logits (B, num_classes).
+
+    ``depth`` talking-heads blocks (``patch_transformer``) on the patches, then ``depth_token_only``
+    class-attention blocks (``cls_transformer``); ``init_values`` None takes :func:`layer_scale_init` of ``depth``.
+    The other keywords are :class:`VisionTransformer`'s; the defaults are CaiT-XXS-24's.
+    """
+
+    blocks_name = "patch_transformer"
 
     def __init__(
         self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
         embed_dim: int = 192,
         depth: int = 24,
         num_heads: int = 4,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
         depth_token_only: int = 2,
         init_values: float | None = None,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            PatchEmbed(img_size, patch_size, in_chans, embed_dim),
-            embed_dim,
-            num_classes,
-            drop_rate,
-            late_class_token=True,
-        )
         init_values = layer_scale_init(depth) if init_values is None else init_values
-        self.patch_transformer = block_stack(
-            depth,
-            drop_path_rate,
-            embed_dim,
-            num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            drop=drop_rate,
-            attn_drop=attn_drop_rate,
+        super().__init__(
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            late_class_token=True,
             init_values=init_values,
-            norm_layer=layer_norm,
             attn_layer=TalkingHeadAttention,
+            **kwargs,
         )
         self.cls_transformer = nn.ModuleList(
-            ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, init_values=init_values)
+            ClassAttentionBlock(
+                embed_dim, num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, init_values=init_values
+            )
             for _ in range(depth_token_only)
         )
         self.init_weights()
@@ -158,19 +129,23 @@ class CaiT(VisionTransformer):
         return self.norm(torch.cat((cls, x), dim=1))
 
 
+def _cait(embed_dim: int, depth: int, num_heads: int, overrides: dict) -> CaiT:
+    return _create(CaiT, dict(patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=num_heads), overrides)
+
+
 @register_model
 def cait_xxs24_224(**kwargs) -> CaiT:
     """CaiT-XXS-24: 192 wide, 24 + 2 blocks of 4 heads (12.0M parameters in the paper)."""
-    return _create(CaiT, dict(patch_size=16, embed_dim=192, depth=24, num_heads=4), kwargs)
+    return _cait(192, 24, 4, kwargs)
 
 
 @register_model
 def cait_xxs36_224(**kwargs) -> CaiT:
     """CaiT-XXS-36: 192 wide, 36 + 2 blocks of 4 heads (17.3M parameters in the paper)."""
-    return _create(CaiT, dict(patch_size=16, embed_dim=192, depth=36, num_heads=4), kwargs)
+    return _cait(192, 36, 4, kwargs)
 
 
 @register_model
 def cait_s24_224(**kwargs) -> CaiT:
     """CaiT-S-24: 384 wide, 24 + 2 blocks of 8 heads (46.9M parameters in the paper)."""
-    return _create(CaiT, dict(patch_size=16, embed_dim=384, depth=24, num_heads=8), kwargs)
+    return _cait(384, 24, 8, kwargs)

@@ -129,7 +129,7 @@ class CoAtNetTransformer(nn.Module):
             self.pool2 = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
             self.proj = nn.Conv2d(in_c, out_c, 1, 1, 0, bias=False)
         self.norm1 = nn.LayerNorm(in_c)
-        self.attn = RelPosAttention(in_c, out_c, img_size, heads=out_c // HEAD_DIM, dim_head=HEAD_DIM)
+        self.attn = RelPosAttention(in_c, out_c, img_size, num_heads=out_c // HEAD_DIM, head_dim=HEAD_DIM)
         self.norm2 = nn.LayerNorm(out_c)
         self.ffn = Mlp(out_c, out_c * expansion)
 

@@ -51,21 +51,14 @@ def _projection(dim_in: int, dim_out: int) -> nn.Sequential:
 class CrossAttentionBlock(nn.Module):
     """Cross-attention fusion: ``cls + drop_path(attn(norm(cls), norm(patches), kv_include_self=True))``.
 
-    cls: (B, 1, dim), patches: (B, N, dim) -> (B, 1, dim).
+    cls: (B, 1, dim), patches: (B, N, dim) -> (B, 1, dim). ``attn_kwargs`` go to :class:`CrossAttention` (qkv
+    biases by default).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        qkv_bias: bool = True,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, drop_path: float = 0.0, qkv_bias: bool = True, **attn_kwargs) -> None:
         super().__init__()
         self.norm1 = layer_norm(dim)
-        self.attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias, **attn_kwargs)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
@@ -120,10 +113,10 @@ class MultiScaleBlock(nn.Module):
                     CrossAttentionBlock(
                         dims[other],
                         num_heads[other],
-                        qkv_bias=qkv_bias,
-                        drop=drop,
-                        attn_drop=attn_drop,
                         drop_path=drop_path[-1],
+                        qkv_bias=qkv_bias,
+                        attn_drop=attn_drop,
+                        proj_drop=drop,
                     )
                     for _ in range(max(depth[2], 1))
                 )

@@ -27,6 +27,7 @@ import torch.nn as nn
 from vitkern.models._layers import (
     ClassifierModel,
     DepthwiseConvBN,
+    check_stage_lengths,
     Mlp,
     merge_heads,
     scaled_dot_product,
@@ -157,11 +158,7 @@ class CvT(ClassifierModel):
     ) -> None:
         super().__init__()
         per_stage = (embed_dim, depth, num_heads, embed_kernels, embed_strides, embed_paddings)
-        if len({len(t) for t in per_stage}) != 1:
-            raise ValueError(
-                "embed_dim, depth, num_heads, embed_kernels, embed_strides, embed_paddings: expected one entry per "
-                f"stage each, got lengths {[len(t) for t in per_stage]}"
-            )
+        check_stage_lengths("embed_dim, depth, num_heads, embed_kernels, embed_strides, embed_paddings", *per_stage)
         self.num_features = embed_dim[-1]
         self.img_size = img_size
         stages = []

@@ -23,6 +23,8 @@ standard normal draw.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,8 +35,6 @@ from vitkern.models._layers import (
     PatchEmbed,
     VisionTransformer,
     check_image_size,
-    drop_path_rates,
-    layer_norm,
     to_pair,
     to_tokens,
 )
@@ -106,89 +106,69 @@ class DeepViTStem(nn.Module):
 
 
 class DeepViT(VisionTransformer):
-    """ViT with re-attention in the blocks listed by ``re_attention`` (one bool per block).
+    """ViT with re-attention in the blocks listed by ``re_attention`` (one bool per block; None: every block).
 
-    Input (B, in_chans, img_size, img_size) -> logits (B, num_classes).
+    Input (B, in_chans, img_size, img_size) -> logits (B, num_classes). ``use_cnn_embed`` embeds the patches with
+    :class:`DeepViTStem` (else :class:`PatchEmbed`); ``transform_scale`` and ``scale_adjustment`` as in
+    :class:`ReAttention` and :class:`DeepViTBlock`. The other keywords are :class:`VisionTransformer`'s; the
+    defaults are DeepViT-S's sizes.
     """
 
     def __init__(
         self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
         embed_dim: int = 396,
         depth: int = 16,
         num_heads: int = 12,
         mlp_ratio: float = 3.0,
-        qkv_bias: bool = True,
         re_attention: tuple[bool, ...] | None = None,
         transform_scale: bool = False,
         scale_adjustment: float = 1.0,
         use_cnn_embed: bool = True,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
+        **kwargs,
     ) -> None:
         re_attention = (True,) * depth if re_attention is None else tuple(re_attention)
         if len(re_attention) != depth:
             raise ValueError(f"re_attention: expected one flag per block ({depth}), got {len(re_attention)}")
-        embed = DeepViTStem if use_cnn_embed else PatchEmbed
-        super().__init__(embed(img_size, patch_size, in_chans, embed_dim), embed_dim, num_classes, drop_rate)
-
-        def reattention(dim: int, **kwargs) -> ReAttention:
-            return ReAttention(dim, transform_scale=transform_scale, **kwargs)
-
-        self.blocks = nn.Sequential(
-            *(
-                DeepViTBlock(
-                    embed_dim,
-                    num_heads,
-                    scale_adjustment=scale_adjustment,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=rate,
-                    norm_layer=layer_norm,
-                    attn_layer=reattention if mixed else Attention,
-                )
-                for rate, mixed in zip(drop_path_rates(drop_path_rate, depth), re_attention)
-            )
+        reattention = partial(ReAttention, transform_scale=transform_scale)
+        super().__init__(
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            embed_layer=DeepViTStem if use_cnn_embed else PatchEmbed,
+            block_layer=DeepViTBlock,
+            attn_layer=[reattention if mixed else Attention for mixed in re_attention],
+            scale_adjustment=scale_adjustment,
+            **kwargs,
         )
         self.init_weights()
+
+
+def _deepvit(embed_dim: int, depth: int, num_re_attention: int, transform_scale: bool, overrides: dict) -> DeepViT:
+    """The official configurations: 16x16 patches through the conv stem, 12 heads, MLP ratio 3, residual branches
+    scaled by 0.5, re-attention in the last ``num_re_attention`` blocks."""
+    config = dict(
+        patch_size=16,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=12,
+        mlp_ratio=3.0,
+        re_attention=(False,) * (depth - num_re_attention) + (True,) * num_re_attention,
+        transform_scale=transform_scale,
+        scale_adjustment=0.5,
+        use_cnn_embed=True,
+    )
+    return _create(DeepViT, config, overrides)
 
 
 @register_model
 def deepvit_s(**kwargs) -> DeepViT:
     """DeepViT-S: 396 wide, 16 blocks, re-attention in the last 5 (27M parameters in the paper)."""
-    config = dict(
-        patch_size=16,
-        embed_dim=396,
-        depth=16,
-        num_heads=12,
-        mlp_ratio=3.0,
-        re_attention=(False,) * 11 + (True,) * 5,
-        transform_scale=True,
-        scale_adjustment=0.5,
-        use_cnn_embed=True,
-    )
-    return _create(DeepViT, config, kwargs)
+    return _deepvit(396, 16, 5, True, kwargs)
 
 
 @register_model
 def deepvit_l(**kwargs) -> DeepViT:
     """DeepViT-L: 420 wide, 32 blocks, re-attention in the last 12 (55M parameters in the paper; this official
     configuration has 58.9M, see the module docstring)."""
-    config = dict(
-        patch_size=16,
-        embed_dim=420,
-        depth=32,
-        num_heads=12,
-        mlp_ratio=3.0,
-        re_attention=(False,) * 20 + (True,) * 12,
-        transform_scale=False,
-        scale_adjustment=0.5,
-        use_cnn_embed=True,
-    )
-    return _create(DeepViT, config, kwargs)
+    return _deepvit(420, 32, 12, False, kwargs)

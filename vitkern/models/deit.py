@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitkern.models._layers import PatchEmbed, VisionTransformer, block_stack, layer_norm
+from vitkern.models._layers import VisionTransformer
 from vitkern.models._registry import _create, register_model
 
 
@@ -34,43 +34,12 @@ class DeiT(VisionTransformer):
 
     Input (B, in_chans, img_size, img_size). ``forward`` returns (B, num_classes) logits; a distilled model in
     training mode returns the pair (class-head logits, distillation-head logits) for :class:`DistillationLoss`
-    and in eval mode their average, as the DeiT code does.
+    and in eval mode their average, as the DeiT code does. The other keywords are :class:`VisionTransformer`'s
+    (DeiT-B by default).
     """
 
-    def __init__(
-        self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        distilled: bool = False,
-    ) -> None:
-        super().__init__(
-            PatchEmbed(img_size, patch_size, in_chans, embed_dim),
-            embed_dim,
-            num_classes,
-            drop_rate,
-            distilled=distilled,
-        )
-        self.blocks = block_stack(
-            depth,
-            drop_path_rate,
-            embed_dim,
-            num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            drop=drop_rate,
-            attn_drop=attn_drop_rate,
-            norm_layer=layer_norm,
-        )
+    def __init__(self, distilled: bool = False, **kwargs) -> None:
+        super().__init__(distilled=distilled, **kwargs)
         self.init_weights()
 
 
@@ -138,25 +107,30 @@ class DistillationLoss(nn.Module):
         return label_loss * (1.0 - self.alpha) + distill_loss * self.alpha
 
 
+def _deit(embed_dim: int, num_heads: int, overrides: dict, distilled: bool = False) -> DeiT:
+    config = dict(patch_size=16, embed_dim=embed_dim, depth=12, num_heads=num_heads, distilled=distilled)
+    return _create(DeiT, config, overrides)
+
+
 @register_model
 def deit_tiny_patch16_224(**kwargs) -> DeiT:
     """DeiT-Ti: 192 wide, 12 blocks of 3 heads (5.7M parameters in the paper)."""
-    return _create(DeiT, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), kwargs)
+    return _deit(192, 3, kwargs)
 
 
 @register_model
 def deit_small_patch16_224(**kwargs) -> DeiT:
     """DeiT-S: 384 wide, 12 blocks of 6 heads (22.1M parameters in the paper)."""
-    return _create(DeiT, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), kwargs)
+    return _deit(384, 6, kwargs)
 
 
 @register_model
 def deit_base_patch16_224(**kwargs) -> DeiT:
     """DeiT-B: 768 wide, 12 blocks of 12 heads (86.6M parameters in the paper)."""
-    return _create(DeiT, dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), kwargs)
+    return _deit(768, 12, kwargs)
 
 
 @register_model
 def deit_tiny_distilled_patch16_224(**kwargs) -> DeiT:
     """DeiT-Ti with the distillation token and head (5.9M parameters in the paper)."""
-    return _create(DeiT, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, distilled=True), kwargs)
+    return _deit(192, 3, kwargs, distilled=True)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from vitkern.models._layers import ClassifierModel, check_image_size, make_head, to_pair
+from vitkern.models._layers import ClassifierModel, check_image_size, check_stage_lengths, make_head, to_pair
 from vitkern.models._registry import _create, register_model
 from vitkern.nn.attention import LeViTAttention
 
@@ -153,11 +153,7 @@ class LeViT(ClassifierModel):
         distilled: bool = True,
     ) -> None:
         super().__init__()
-        if not len(embed_dim) == len(depth) == len(num_heads):
-            raise ValueError(
-                f"embed_dim, depth, num_heads: expected one entry per stage each, got {len(embed_dim)}, "
-                f"{len(depth)}, {len(num_heads)}"
-            )
+        check_stage_lengths("embed_dim, depth, num_heads", embed_dim, depth, num_heads)
         self.img_size = to_pair("img_size", img_size)
         if self.img_size[0] != self.img_size[1] or self.img_size[0] % STEM_STRIDE:
             raise ValueError(f"img_size: expected a square size divisible by {STEM_STRIDE}, got {img_size}")

@@ -29,6 +29,7 @@ from vitkern.models._layers import (
     DepthwiseConvBN,
     block_stack,
     check_image_size,
+    check_stage_lengths,
     layer_norm,
     to_map,
     to_pair,
@@ -97,11 +98,7 @@ class PiT(ClassifierModel):
         num_classes: int = 1000,
     ) -> None:
         super().__init__()
-        if not len(head_dim) == len(depth) == len(num_heads):
-            raise ValueError(
-                f"head_dim, depth, num_heads: expected one entry per stage each, got {len(head_dim)}, {len(depth)}, "
-                f"{len(num_heads)}"
-            )
+        check_stage_lengths("head_dim, depth, num_heads", head_dim, depth, num_heads)
         self.img_size = to_pair("img_size", img_size)
         grid_h = (self.img_size[0] - patch_size) // stride + 1
         grid_w = (self.img_size[1] - patch_size) // stride + 1

@@ -19,13 +19,15 @@ random features are not parameters.
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import torch
 import torch.nn as nn
 
 from vitkern.models._layers import (
     Mlp,
     VisionTransformer,
-    block_stack,
     check_image_size,
     scaled_dot_product,
     to_map,
@@ -95,7 +97,11 @@ class TokenTransformer(nn.Module):
 
 
 class TokensToToken(nn.Module):
-    """Soft splits and token transformers: (B, in_chans, *img_size) -> (B, grid * grid, embed_dim)."""
+    """Soft splits and token transformers: (B, in_chans, *img_size) -> (B, grid * grid, embed_dim).
+
+    ``patch_size`` is the soft splits' total stride, taken from ``t2t_layers`` (16 for the default splits); a value
+    given is checked against it.
+    """
 
     def __init__(
         self,
@@ -104,11 +110,18 @@ class TokensToToken(nn.Module):
         embed_dim: int,
         token_dim: int = TOKEN_DIM,
         t2t_layers: tuple[tuple[int, int], ...] = T2T_LAYERS,
+        patch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.img_size = to_pair("img_size", img_size)
         if self.img_size[0] != self.img_size[1]:
             raise ValueError(f"img_size: expected a square image size, got {self.img_size}")
+        self.patch_size = math.prod(stride for _, stride in t2t_layers)
+        if patch_size is not None and patch_size != self.patch_size:
+            raise ValueError(
+                f"patch_size: expected the total stride {self.patch_size} of the soft splits {t2t_layers}, got "
+                f"{patch_size}"
+            )
         self.soft_splits = nn.ModuleList()
         self.transformers = nn.ModuleList()
         self.grid_sizes: list[int] = []
@@ -135,13 +148,15 @@ class TokensToToken(nn.Module):
 
 
 class T2TViT(VisionTransformer):
-    """Tokens-to-Token ViT. Input (B, in_chans, img_size, img_size) -> logits (B, num_classes)."""
+    """Tokens-to-Token ViT. Input (B, in_chans, img_size, img_size) -> logits (B, num_classes).
+
+    The patch embedding is :class:`TokensToToken` (``token_dim``, ``t2t_layers``; no ``patch_size`` of its own),
+    the position embedding the fixed :func:`sinusoid_table`. The other keywords are :class:`VisionTransformer`'s;
+    the defaults are T2T-ViT-14's, without qkv biases.
+    """
 
     def __init__(
         self,
-        img_size: int = 224,
-        in_chans: int = 3,
-        num_classes: int = 1000,
         embed_dim: int = 384,
         depth: int = 14,
         num_heads: int = 6,
@@ -149,28 +164,19 @@ class T2TViT(VisionTransformer):
         qkv_bias: bool = False,
         token_dim: int = TOKEN_DIM,
         t2t_layers: tuple[tuple[int, int], ...] = T2T_LAYERS,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
+        **kwargs,
     ) -> None:
-        patch_embed = TokensToToken(img_size, in_chans, embed_dim, token_dim, t2t_layers)
         super().__init__(
-            patch_embed,
-            embed_dim,
-            num_classes,
-            drop_rate,
-            norm_layer=nn.LayerNorm,
-            pos_embed=sinusoid_table(patch_embed.num_patches + 1, embed_dim),
-        )
-        self.blocks = block_stack(
-            depth,
-            drop_path_rate,
-            embed_dim,
-            num_heads,
+            patch_size=None,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
             mlp_ratio=mlp_ratio,
             qkv_bias=qkv_bias,
-            drop=drop_rate,
-            attn_drop=attn_drop_rate,
+            embed_layer=partial(TokensToToken, token_dim=token_dim, t2t_layers=t2t_layers),
+            norm_layer=nn.LayerNorm,
+            pos_embed=sinusoid_table,
+            **kwargs,
         )
         self.init_weights()
 

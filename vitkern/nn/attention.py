@@ -15,6 +15,8 @@ computes and drops it. Loading one of these modules' state_dicts into a seed mod
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -36,6 +38,23 @@ def _drop_saved_index(
         )
 
 
+DEFAULT_NUM_HEADS = 8
+DEFAULT_HEAD_DIM = 32
+
+
+def _renamed_argument(old: str, old_value: int | None, new: str, new_value: int, new_default: int) -> int:
+    """The value of keyword ``new`` when the caller may still pass its deprecated name ``old``: ``old_value`` (with
+    a DeprecationWarning) if given, ``new_value`` otherwise; both given raises TypeError."""
+    if old_value is None:
+        return new_value
+    if new_value != new_default:
+        raise TypeError(f"{old}: deprecated name of {new}; got both {old}={old_value!r} and {new}={new_value!r}")
+    warnings.warn(
+        f"RelPosAttention: the keyword {old}= is deprecated, use {new}= (timm's name)", DeprecationWarning, stacklevel=3
+    )
+    return old_value
+
+
 class RelPosAttention(nn.Module):
     """CoAtNet's multi-head self-attention with a learned relative-position bias table.
 
@@ -46,13 +65,15 @@ class RelPosAttention(nn.Module):
         inp: input channels.
         oup: output channels.
         image_size: (ih, iw), the feature map the tokens come from; N = ih * iw.
-        heads: number of heads.
-        dim_head: head dim of q, k and v.
+        num_heads: number of heads.
+        head_dim: head dim of q, k and v.
         dropout: dropout after the output projection.
+        heads, dim_head: the seed's names of ``num_heads`` and ``head_dim``, deprecated (a DeprecationWarning);
+            they will be removed in the release after 0.1.
 
-    Parameters (the seed's names): ``to_qkv.weight`` (3 * heads * dim_head, inp); ``relative_bias_table``
-    ((2ih-1)(2iw-1), heads); ``to_out.0.weight``/``.bias`` unless heads == 1 and dim_head == inp, where ``to_out`` is
-    the identity.
+    Parameters (the seed's names): ``to_qkv.weight`` (3 * num_heads * head_dim, inp); ``relative_bias_table``
+    ((2ih-1)(2iw-1), num_heads); ``to_out.0.weight``/``.bias`` unless num_heads == 1 and head_dim == inp, where
+    ``to_out`` is the identity.
     """
 
     def __init__(
@@ -60,19 +81,24 @@ class RelPosAttention(nn.Module):
         inp: int,
         oup: int,
         image_size: tuple[int, int],
-        heads: int = 8,
-        dim_head: int = 32,
+        num_heads: int = DEFAULT_NUM_HEADS,
+        head_dim: int = DEFAULT_HEAD_DIM,
         dropout: float = 0.0,
+        *,
+        heads: int | None = None,
+        dim_head: int | None = None,
     ) -> None:
         super().__init__()
-        inner_dim = dim_head * heads
-        project_out = not (heads == 1 and dim_head == inp)
+        num_heads = _renamed_argument("heads", heads, "num_heads", num_heads, DEFAULT_NUM_HEADS)
+        head_dim = _renamed_argument("dim_head", dim_head, "head_dim", head_dim, DEFAULT_HEAD_DIM)
+        inner_dim = head_dim * num_heads
+        project_out = not (num_heads == 1 and head_dim == inp)
         self.ih, self.iw = image_size
         self.inp = inp
-        self.heads = heads
-        self.dim_head = dim_head
-        self.scale = dim_head**-0.5
-        self.relative_bias_table = nn.Parameter(torch.zeros((2 * self.ih - 1) * (2 * self.iw - 1), heads))
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.relative_bias_table = nn.Parameter(torch.zeros((2 * self.ih - 1) * (2 * self.iw - 1), num_heads))
         self.to_qkv = nn.Linear(inp, inner_dim * 3, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, oup), nn.Dropout(dropout)) if project_out else nn.Identity()
         self.register_load_state_dict_pre_hook(RelPosAttention._load_hook)
@@ -90,11 +116,23 @@ class RelPosAttention(nn.Module):
                 f"channels, got {tuple(x.shape)}"
             )
         batch = x.shape[0]
-        qkv = self.to_qkv(x).view(batch, tokens, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        qkv = self.to_qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         table = self.relative_bias_table.to(q.dtype)
         out = ops.rel_pos_attention(q, k, v, table, (self.ih, self.iw), self.scale)
-        return self.to_out(out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head))
+        return self.to_out(out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim))
+
+    @property
+    def heads(self) -> int:
+        """Deprecated name of :attr:`num_heads`."""
+        warnings.warn("RelPosAttention.heads is deprecated, use num_heads", DeprecationWarning, stacklevel=2)
+        return self.num_heads
+
+    @property
+    def dim_head(self) -> int:
+        """Deprecated name of :attr:`head_dim`."""
+        warnings.warn("RelPosAttention.dim_head is deprecated, use head_dim", DeprecationWarning, stacklevel=2)
+        return self.head_dim
 
 
 class LeViTAttention(nn.Module):

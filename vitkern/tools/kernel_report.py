@@ -524,6 +524,26 @@ def jobs_argument(text: str) -> int:
     return int(text)
 
 
+def add_jobs_argument(parser: argparse.ArgumentParser) -> None:
+    """The tools' --jobs: compile processes, the machine's cores by default."""
+    parser.add_argument(
+        "--jobs", type=jobs_argument, default=os.cpu_count() or 1, help="compile processes (default: cores)"
+    )
+
+
+def refuse_interpreter(module: str) -> bool:
+    """Whether TRITON_INTERPRET is set, which the tool ``module`` (``vitkern.tools.<name>``) cannot run under; when
+    it is, says so on stderr with the command line to run instead."""
+    if not knobs.runtime.interpret:
+        return False
+    print(
+        f"{module.rsplit('.', 1)[-1]}: TRITON_INTERPRET is set, which turns @triton.jit functions into interpreted "
+        f"ones that cannot be compiled for a GPU; run it without: env -u TRITON_INTERPRET python -m {module}",
+        file=sys.stderr,
+    )
+    return True
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m vitkern.tools.kernel_report",
@@ -531,9 +551,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--arch", type=_archs, default=DEFAULT_ARCHS, help="target archs, e.g. 80,90 (default)")
     parser.add_argument("--filter", help="only kernels whose name or config contains this substring")
-    parser.add_argument(
-        "--jobs", type=jobs_argument, default=os.cpu_count() or 1, help="compile processes (default: cores)"
-    )
+    add_jobs_argument(parser)
     parser.add_argument("--json", type=Path, help="also write the rows and failures to this JSON file")
     parser.add_argument(
         "--module", action="append", help=f"a Triton kernel module to report (repeatable; default {KERNEL_MODULES})"
@@ -546,13 +564,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the report; returns the exit status (0 all within limits, 1 a failure, 2 a usage error)."""
     args = _parser().parse_args(argv)
-    if knobs.runtime.interpret:
-        print(
-            "kernel_report: TRITON_INTERPRET is set, which turns @triton.jit functions into interpreted ones that "
-            "cannot be compiled for a GPU; run it without: env -u TRITON_INTERPRET python -m "
-            "vitkern.tools.kernel_report",
-            file=sys.stderr,
-        )
+    if refuse_interpreter("vitkern.tools.kernel_report"):
         return 2
     modules = tuple(args.module) if args.module else KERNEL_MODULES
     rows, failures = triton_report(modules, args.arch, args.filter, args.jobs, progress=Progress())

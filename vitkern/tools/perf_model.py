@@ -72,11 +72,13 @@ from triton.runtime.jit import JITFunction
 
 from vitkern.kernels._specs import TRITON_DTYPES, KernelSpec
 from vitkern.tools import _sass
+from vitkern.tools.cases import AttentionCase
 from vitkern.tools.kernel_report import (
-    jobs_argument,
+    add_jobs_argument,
     compile_inputs,
     demangle,
     extension_path,
+    refuse_interpreter,
     resource_usage,
     static_shared,
 )
@@ -165,29 +167,6 @@ class ConvShape:
     size: int
     kernel: int
     convmixer_epilogue: bool  # GELU, folded BatchNorm (scale, shift) and residual; else bias only
-
-
-@dataclass(frozen=True)
-class AttentionCase:
-    """One case of ``benchmarks/test_attention.py`` at its GPU batch; ``kind`` "rel_pos" (window side x side) or
-    "levit" (resolution side, query ``stride``)."""
-
-    name: str
-    kind: str
-    batch: int
-    heads: int
-    side: int
-    head_dim: int
-    value_dim: int
-    stride: int = 1
-
-    @property
-    def queries(self) -> int:
-        return ((self.side - 1) // self.stride + 1) ** 2
-
-    @property
-    def keys(self) -> int:
-        return self.side * self.side
 
 
 CONV_SHAPES = (
@@ -1040,9 +1019,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--filter", help="only shapes whose name contains this substring")
     parser.add_argument("--device", type=_devices, default=tuple(DEVICES), help="h100,h200 (default: both)")
     parser.add_argument("--backend", choices=("triton", "cuda"), action="append", help="repeatable; default both")
-    parser.add_argument(
-        "--jobs", type=jobs_argument, default=os.cpu_count() or 1, help="compile processes (default: cores)"
-    )
+    add_jobs_argument(parser)
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     return parser
 
@@ -1050,13 +1027,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table; exit status 0 when every row has an estimate, 1 when one failed, 2 on a usage error."""
     args = _parser().parse_args(argv)
-    if knobs.runtime.interpret:
-        print(
-            "perf_model: TRITON_INTERPRET is set, which turns @triton.jit functions into interpreted ones that "
-            "cannot be compiled for a GPU; run it without: env -u TRITON_INTERPRET python -m "
-            "vitkern.tools.perf_model",
-            file=sys.stderr,
-        )
+    if refuse_interpreter("vitkern.tools.perf_model"):
         return 2
     selected = cases(QUICK if args.quick else HEADLINE if args.headline else None, args.filter)
     if not selected:
