@@ -164,9 +164,13 @@ def rel_pos_pair(inp, oup, image_size, num_heads, head_dim):
 
 
 def levit_pair(dim, fmap_size, heads, dim_key, dim_value, dim_out=None, downsample=False):
-    kwargs = dict(heads=heads, dim_key=dim_key, dim_value=dim_value, dim_out=dim_out, downsample=downsample)
-    seed = randomize(SeedLeViTAttention(dim, fmap_size, **kwargs)).to(DEVICE)
-    module = LeViTAttention(dim, fmap_size, **kwargs).to(DEVICE)
+    seed = SeedLeViTAttention(
+        dim, fmap_size, heads=heads, dim_key=dim_key, dim_value=dim_value, dim_out=dim_out, downsample=downsample
+    )
+    seed = randomize(seed).to(DEVICE)
+    module = LeViTAttention(
+        dim, fmap_size, num_heads=heads, key_dim=dim_key, value_dim=dim_value, dim_out=dim_out, downsample=downsample
+    ).to(DEVICE)
     module.load_state_dict(seed.state_dict(), strict=True)
     return seed, module
 
@@ -231,6 +235,30 @@ def test_rel_pos_attention_old_keywords_warn_and_build_the_same_module():
         assert old.dim_head == 8
     with pytest.raises(TypeError, match="heads.*num_heads"):
         RelPosAttention(16, 24, (4, 4), num_heads=4, heads=2)
+    with pytest.raises(TypeError, match="heads.*num_heads"):
+        RelPosAttention(16, 24, (4, 4), num_heads=8, heads=2)  # the default value passed explicitly counts too
+
+
+def test_levit_attention_takes_the_seeds_keywords_with_a_deprecation_warning():
+    torch.manual_seed(0)
+    new = LeViTAttention(16, 4, num_heads=2, key_dim=8, value_dim=12)
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning) as record:
+        old = LeViTAttention(16, 4, heads=2, dim_key=8, dim_value=12)
+    messages = sorted(str(w.message) for w in record if issubclass(w.category, DeprecationWarning))
+    assert [m.split(":")[1].strip() for m in messages] == [
+        "the keyword dim_key= is deprecated, use key_dim= (timm's name)",
+        "the keyword dim_value= is deprecated, use value_dim= (timm's name)",
+        "the keyword heads= is deprecated, use num_heads= (timm's name)",
+    ]
+    assert all(w.filename == __file__ for w in record), "the warnings point at the caller"
+    assert (old.num_heads, old.key_dim, old.value_dim) == (new.num_heads, new.key_dim, new.value_dim) == (2, 8, 12)
+    for key, value in new.state_dict().items():
+        assert torch.equal(old.state_dict()[key], value), key
+    with pytest.warns(DeprecationWarning, match="use num_heads"):
+        assert old.heads == 2
+    with pytest.raises(TypeError, match="dim_key.*key_dim"):
+        LeViTAttention(16, 4, key_dim=8, dim_key=8)
 
 
 def test_rel_pos_attention_does_not_modify_input():
@@ -273,7 +301,7 @@ def test_levit_attention_eval_matches_seed(backend, downsample):
 
 
 def test_levit_attention_output_shape_of_shrink_attention():
-    module = LeViTAttention(16, 7, heads=2, dim_key=8, dim_value=16, dim_out=24, downsample=True)
+    module = LeViTAttention(16, 7, num_heads=2, key_dim=8, value_dim=16, dim_out=24, downsample=True)
     assert module(torch.randn(2, 16, 7, 7)).shape == (2, 24, 4, 4)
 
 
@@ -404,7 +432,7 @@ def test_levit_state_dict_round_trip():
 def test_nested_seed_state_dict_loads_strictly():
     """The index buffers are dropped under any prefix, as inside a model."""
     seed = nn.Sequential(SeedCoAtNetAttention(8, 8, (2, 2), 2, 4), SeedLeViTAttention(8, 2, heads=2, dim_key=4))
-    module = nn.Sequential(RelPosAttention(8, 8, (2, 2), 2, 4), LeViTAttention(8, 2, heads=2, dim_key=4))
+    module = nn.Sequential(RelPosAttention(8, 8, (2, 2), 2, 4), LeViTAttention(8, 2, num_heads=2, key_dim=4))
     module.load_state_dict(seed.state_dict(), strict=True)
 
 
@@ -416,7 +444,7 @@ def test_mismatched_saved_index_is_an_error():
         RelPosAttention(16, 16, (4, 4), 2, 8).load_state_dict(state)
     levit = SeedLeViTAttention(16, 4, heads=2, dim_key=8, downsample=True).state_dict()
     with pytest.raises(RuntimeError, match="pos_indices"):
-        LeViTAttention(16, 4, heads=2, dim_key=8, downsample=False).load_state_dict(levit)
+        LeViTAttention(16, 4, num_heads=2, key_dim=8, downsample=False).load_state_dict(levit)
 
 
 # --- bad input -----------------------------------------------------------------------------------------------

@@ -42,17 +42,25 @@ DEFAULT_NUM_HEADS = 8
 DEFAULT_HEAD_DIM = 32
 
 
-def _renamed_argument(old: str, old_value: int | None, new: str, new_value: int, new_default: int) -> int:
-    """The value of keyword ``new`` when the caller may still pass its deprecated name ``old``: ``old_value`` (with
-    a DeprecationWarning) if given, ``new_value`` otherwise; both given raises TypeError."""
+def _renamed_argument(
+    owner: str, old: str, old_value: int | None, new: str, new_value: int | None, default: int
+) -> int:
+    """The value of keyword ``new`` (``None`` when not passed) of ``owner`` when the caller may still pass its
+    deprecated name ``old``: ``old_value`` (with a DeprecationWarning) if given, else ``new_value``, else ``default``;
+    both given raises TypeError."""
     if old_value is None:
-        return new_value
-    if new_value != new_default:
+        return default if new_value is None else new_value
+    if new_value is not None:
         raise TypeError(f"{old}: deprecated name of {new}; got both {old}={old_value!r} and {new}={new_value!r}")
     warnings.warn(
-        f"RelPosAttention: the keyword {old}= is deprecated, use {new}= (timm's name)", DeprecationWarning, stacklevel=3
+        f"{owner}: the keyword {old}= is deprecated, use {new}= (timm's name)", DeprecationWarning, stacklevel=3
     )
     return old_value
+
+
+def _renamed_attribute(owner: str, old: str, new: str, value: int) -> int:
+    warnings.warn(f"{owner}.{old} is deprecated, use {new}", DeprecationWarning, stacklevel=3)
+    return value
 
 
 class RelPosAttention(nn.Module):
@@ -65,8 +73,8 @@ class RelPosAttention(nn.Module):
         inp: input channels.
         oup: output channels.
         image_size: (ih, iw), the feature map the tokens come from; N = ih * iw.
-        num_heads: number of heads.
-        head_dim: head dim of q, k and v.
+        num_heads: number of heads (default 8).
+        head_dim: head dim of q, k and v (default 32).
         dropout: dropout after the output projection.
         heads, dim_head: the seed's names of ``num_heads`` and ``head_dim``, deprecated (a DeprecationWarning);
             they will be removed in the release after 0.1.
@@ -81,16 +89,16 @@ class RelPosAttention(nn.Module):
         inp: int,
         oup: int,
         image_size: tuple[int, int],
-        num_heads: int = DEFAULT_NUM_HEADS,
-        head_dim: int = DEFAULT_HEAD_DIM,
+        num_heads: int | None = None,
+        head_dim: int | None = None,
         dropout: float = 0.0,
         *,
         heads: int | None = None,
         dim_head: int | None = None,
     ) -> None:
         super().__init__()
-        num_heads = _renamed_argument("heads", heads, "num_heads", num_heads, DEFAULT_NUM_HEADS)
-        head_dim = _renamed_argument("dim_head", dim_head, "head_dim", head_dim, DEFAULT_HEAD_DIM)
+        num_heads = _renamed_argument("RelPosAttention", "heads", heads, "num_heads", num_heads, DEFAULT_NUM_HEADS)
+        head_dim = _renamed_argument("RelPosAttention", "dim_head", dim_head, "head_dim", head_dim, DEFAULT_HEAD_DIM)
         inner_dim = head_dim * num_heads
         project_out = not (num_heads == 1 and head_dim == inp)
         self.ih, self.iw = image_size
@@ -125,14 +133,12 @@ class RelPosAttention(nn.Module):
     @property
     def heads(self) -> int:
         """Deprecated name of :attr:`num_heads`."""
-        warnings.warn("RelPosAttention.heads is deprecated, use num_heads", DeprecationWarning, stacklevel=2)
-        return self.num_heads
+        return _renamed_attribute("RelPosAttention", "heads", "num_heads", self.num_heads)
 
     @property
     def dim_head(self) -> int:
         """Deprecated name of :attr:`head_dim`."""
-        warnings.warn("RelPosAttention.dim_head is deprecated, use head_dim", DeprecationWarning, stacklevel=2)
-        return self.head_dim
+        return _renamed_attribute("RelPosAttention", "dim_head", "head_dim", self.head_dim)
 
 
 class LeViTAttention(nn.Module):
@@ -141,7 +147,7 @@ class LeViTAttention(nn.Module):
     q, k, v come from 1x1 convolutions + BatchNorm of the (B, dim, R, R) feature map (q with stride 2 when
     downsampling, so the queries sit on the ceil(R/2) x ceil(R/2) grid); out =
     ``to_out(softmax(scale * q @ k^T + bias / scale) @ v)`` with bias[h, i, j] =
-    pos_bias.weight[|s*yi - yj| * R + |s*xi - xj|, h]. The bias is divided by ``scale`` (= dim_key ** -0.5) as the
+    pos_bias.weight[|s*yi - yj| * R + |s*xi - xj|, h]. The bias is divided by ``scale`` (= key_dim ** -0.5) as the
     seed does, so seed weights give the seed's outputs.
 
     Input layout: (B, C, H, W) feature maps, as the seed's LeViT (timm's LeViT takes (B, N, C) tokens and names its
@@ -154,17 +160,20 @@ class LeViTAttention(nn.Module):
     Args:
         dim: input channels.
         fmap_size: R, the side of the input feature map.
-        heads: number of heads.
-        dim_key: head dim of q and k.
-        dim_value: head dim of v.
+        num_heads: number of heads (default 8).
+        key_dim: head dim of q and k (default 32).
+        value_dim: head dim of v (default 64).
         dropout: dropout at the end of ``to_out``.
         dim_out: output channels (default ``dim``).
         downsample: stride-2 queries (shrink attention); the output map is ceil(R/2) x ceil(R/2).
         act_layer: activation at the start of ``to_out`` (the seed's GELU; the LeViT paper uses Hardswish).
+        heads, dim_key, dim_value: the seed's names of ``num_heads``, ``key_dim`` and ``value_dim``, deprecated (a
+            DeprecationWarning); they will be removed in the release after 0.1.
 
     Parameters (the seed's names): ``to_q``, ``to_k``, ``to_v``: Sequential(Conv2d 1x1 without bias, BatchNorm2d);
     ``to_out``: Sequential(act, Conv2d 1x1, BatchNorm2d with zero-initialised weight, Dropout); ``pos_bias``:
-    ``nn.Embedding(R * R, heads)``, handed to the op as ``pos_bias.weight.t() / scale`` (heads, R*R): a (heads x R*R)
+    ``nn.Embedding(R * R, num_heads)``, handed to the op as ``pos_bias.weight.t() / scale`` (num_heads, R*R): a
+    (num_heads x R*R)
     elementwise op that keeps the transposed layout, which the kernel reads through its strides.
     """
 
@@ -172,23 +181,32 @@ class LeViTAttention(nn.Module):
         self,
         dim: int,
         fmap_size: int,
-        heads: int = 8,
-        dim_key: int = 32,
-        dim_value: int = 64,
+        num_heads: int | None = None,
+        key_dim: int | None = None,
+        value_dim: int | None = None,
         dropout: float = 0.0,
         dim_out: int | None = None,
         downsample: bool = False,
         act_layer: type[nn.Module] = nn.GELU,
+        *,
+        heads: int | None = None,
+        dim_key: int | None = None,
+        dim_value: int | None = None,
     ) -> None:
         super().__init__()
-        inner_dim_key = dim_key * heads
-        inner_dim_value = dim_value * heads
+        num_heads = _renamed_argument("LeViTAttention", "heads", heads, "num_heads", num_heads, 8)
+        key_dim = _renamed_argument("LeViTAttention", "dim_key", dim_key, "key_dim", key_dim, 32)
+        value_dim = _renamed_argument("LeViTAttention", "dim_value", dim_value, "value_dim", value_dim, 64)
+        inner_dim_key = key_dim * num_heads
+        inner_dim_value = value_dim * num_heads
         dim_out = dim if dim_out is None else dim_out
         self.dim = dim
         self.fmap_size = fmap_size
-        self.heads = heads
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.value_dim = value_dim
         self.stride = 2 if downsample else 1
-        self.scale = dim_key**-0.5
+        self.scale = key_dim**-0.5
         self.to_q = nn.Sequential(
             nn.Conv2d(dim, inner_dim_key, 1, stride=self.stride, bias=False), nn.BatchNorm2d(inner_dim_key)
         )
@@ -199,9 +217,14 @@ class LeViTAttention(nn.Module):
         self.to_out = nn.Sequential(
             act_layer(), nn.Conv2d(inner_dim_value, dim_out, 1), out_batch_norm, nn.Dropout(dropout)
         )
-        self.pos_bias = nn.Embedding(fmap_size * fmap_size, heads)
+        self.pos_bias = nn.Embedding(fmap_size * fmap_size, num_heads)
         self._bias_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self.register_load_state_dict_pre_hook(LeViTAttention._load_hook)
+
+    @property
+    def heads(self) -> int:
+        """Deprecated name of :attr:`num_heads`."""
+        return _renamed_attribute("LeViTAttention", "heads", "num_heads", self.num_heads)
 
     def _load_hook(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         expected = reference.levit_index(self.fmap_size, self.stride)
@@ -250,7 +273,7 @@ class LeViTAttention(nn.Module):
             )
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         batch, _, rows, cols = q.shape
-        q, k, v = (t.reshape(batch, self.heads, -1, t.shape[2] * t.shape[3]).transpose(2, 3) for t in (q, k, v))
+        q, k, v = (t.reshape(batch, self.num_heads, -1, t.shape[2] * t.shape[3]).transpose(2, 3) for t in (q, k, v))
         if self._use_cache(q, v):
             out = ops.biased_attention(q, k, v, self._cached_bias().to(q.dtype), self.scale)
         else:
