@@ -6,14 +6,9 @@
 #include <limits>
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-
-#ifndef VITKERN_EMULATION
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 #include "attention_kernels.cuh"
+#include "host.h"
 
 namespace vitkern {
 namespace {
@@ -24,28 +19,10 @@ constexpr int64_t kTablePartialBytes = 16ll << 20;
 constexpr int64_t kDenseBufferBytes = 64ll << 20;
 constexpr int64_t kMaxTokens = std::numeric_limits<int>::max();
 
-#ifdef VITKERN_EMULATION
-constexpr const char* kDeviceName = "cpu (the emulation build runs on CPU tensors)";
-bool on_expected_device(const at::Tensor& t) { return t.is_cpu(); }
-cudaStream_t stream_for(const at::Tensor&) { return nullptr; }
-struct DeviceGuard {
-  explicit DeviceGuard(const at::Tensor&) {}
-};
-#else
-constexpr const char* kDeviceName = "cuda";
-bool on_expected_device(const at::Tensor& t) { return t.is_cuda(); }
-cudaStream_t stream_for(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
-struct DeviceGuard {
-  explicit DeviceGuard(const at::Tensor& t) : guard(t.device()) {}
-  c10::cuda::CUDAGuard guard;
-};
-#endif
+using host::DeviceGuard;
+using host::stream_for;
 
-void check_like_q(const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(on_expected_device(t), name, ": expected a tensor on ", kDeviceName, ", got device ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(),
-                   " (the dtype of q), got ", t.scalar_type());
-}
+void check_like_q(const char* name, const at::Tensor& t, const at::Tensor& q) { host::check_like(name, t, "q", q); }
 
 void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef expected) {
   TORCH_CHECK_VALUE(t.sizes() == expected, name, ": expected shape ", expected, ", got ", t.sizes());
@@ -131,9 +108,7 @@ attn::Params<scalar_t> check_args(const at::Tensor& q, const at::Tensor& k, cons
 }
 
 void check_qkv_dtype_device(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK_VALUE(on_expected_device(q), "q: expected a tensor on ", kDeviceName, ", got device ", q.device());
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-                   "q: expected dtype float32, float16 or bfloat16, got ", q.scalar_type());
+  host::check_storage_tensor("q", q);
   check_like_q("k", k, q);
   check_like_q("v", v, q);
 }
@@ -145,11 +120,6 @@ void set_pointers(attn::Params<scalar_t>& p, const std::optional<at::Tensor>& bi
   p.mask = mask.has_value() ? mask->const_data_ptr<scalar_t>() : nullptr;
 }
 
-#define VITKERN_ATTENTION_DISPATCH(TYPE, NAME, ...)                                                 \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)             \
-                                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)          \
-                                         AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -158,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  at::IntArrayRef geometry, double scale) {
   check_qkv_dtype_device(q, k, v);
   at::Tensor out, lse;
-  VITKERN_ATTENTION_DISPATCH(q.scalar_type(), "attention_fwd", [&] {
+  VITKERN_DISPATCH_FLOAT_TYPES(q.scalar_type(), "attention_fwd", [&] {
     attn::Params<scalar_t> p = check_args<scalar_t>(q, k, v, bias, mask, bias_mode, geometry, scale);
     out = at::empty({p.batch, p.heads, p.nq, p.dv}, q.options());
     lse = at::empty({p.batch, p.heads, p.nq}, q.options().dtype(at::kFloat));
@@ -192,14 +162,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   check_qkv_dtype_device(q, k, v);
   TORCH_CHECK_VALUE(!bias_grad || bias_mode != attn::kBiasNone, "bias_grad: expected false for bias_mode 0, got true");
   at::Tensor dq, dk, dv, dbias = at::empty({0}, q.options());
-  VITKERN_ATTENTION_DISPATCH(q.scalar_type(), "attention_bwd", [&] {
+  VITKERN_DISPATCH_FLOAT_TYPES(q.scalar_type(), "attention_bwd", [&] {
     attn::Params<scalar_t> p = check_args<scalar_t>(q, k, v, bias, mask, bias_mode, geometry, scale);
     check_like_q("dout", dout, q);
     check_shape("dout", dout, {p.batch, p.heads, p.nq, p.dv});
     check_like_q("out", out, q);
     check_shape("out", out, {p.batch, p.heads, p.nq, p.dv});
-    TORCH_CHECK_VALUE(on_expected_device(lse), "lse: expected a tensor on ", kDeviceName, ", got device ",
-                      lse.device());
+    host::check_device("lse", lse);
     TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "lse: expected dtype float32, got ", lse.scalar_type());
     check_shape("lse", lse, {p.batch, p.heads, p.nq});
     dk = at::empty(k.sizes(), k.options());

@@ -36,6 +36,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "launch.h"
 
@@ -310,6 +311,20 @@ inline BwdLayout plan_bwd(int64_t nk, int d, int dv) {
   return {key_tile, tiles, bwd_shared_bytes(key_tile, d, dv)};
 }
 
+// acc (tile x cols, row-major) += a^T b over `rows` rows: a (rows x tile, row stride lda), b (rows x cols,
+// row-major). Each of the block's kThreads threads (tid) owns accumulator elements and sums the rows in order.
+__device__ inline void add_transposed_product(float* acc, const float* a, int lda, const float* b, int cols, int tile,
+                                              int rows, int tid) {
+  for (int e = tid; e < tile * cols; e += kThreads) {
+    const int j = e / cols, c = e % cols;
+    float sum = acc[e];
+    for (int s = 0; s < rows; ++s) {
+      sum = fmaf(a[s * lda + j], b[s * cols + c], sum);
+    }
+    acc[e] = sum;
+  }
+}
+
 // Adds the group's dS (kBlockRows rows from q0, keys j0 .. j0 + tile) at the (i, j) pairs that index each table
 // entry into partial[entry] (fp32, the block's own slice), in row order. Modes 1 and 2 only.
 template <typename scalar_t>
@@ -461,22 +476,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       // dV += P^T dO and dK += dS^T Q, one thread per accumulator element, rows in order.
-      for (int e = tid; e < tile * dv; e += kThreads) {
-        const int j = e / dv, c = e % dv;
-        float acc = sdv[e];
-        for (int s = 0; s < rows; ++s) {
-          acc = fmaf(sp[s * kt + j], sdo[s * dv + c], acc);
-        }
-        sdv[e] = acc;
-      }
-      for (int e = tid; e < tile * d; e += kThreads) {
-        const int j = e / d, c = e % d;
-        float acc = sdk[e];
-        for (int s = 0; s < rows; ++s) {
-          acc = fmaf(sds[s * kt + j], sq[s * d + c], acc);
-        }
-        sdk[e] = acc;
-      }
+      add_transposed_product(sdv, sp, kt, sdo, dv, tile, rows, tid);
+      add_transposed_product(sdk, sds, kt, sq, d, tile, rows, tid);
       if (tpart != nullptr) {
         gather_table_grad(p, sds, q0, j0, tile, tpart);
       }
@@ -492,6 +493,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // --- launchers ---------------------------------------------------------------------------------------------------
+
+// fn(std::integral_constant<int, L>{}) with L = 1, 2 or 4 lanes of 32 columns, the fewest that cover n <= 128
+// columns: the kernels' kDLanes / kDvLanes.
+template <typename Fn>
+void with_lanes(int n, Fn&& fn) {
+  if (n <= 32) {
+    fn(std::integral_constant<int, 1>{});
+  } else if (n <= 64) {
+    fn(std::integral_constant<int, 2>{});
+  } else {
+    fn(std::integral_constant<int, 4>{});
+  }
+}
 
 template <typename Kernel>
 void allow_shared(Kernel kernel, std::size_t bytes) {
@@ -520,13 +534,7 @@ void launch_fwd(Params<scalar_t> p, const scalar_t* q, const scalar_t* k, const 
     launch(kernel, grid, dim3(kThreads), layout.shared_bytes, stream, p, layout.pairs_per_block,
            layout.rows_per_pair, q, k, v, out, lse);
   };
-  if (p.dv <= 32) {
-    run(attention_fwd_kernel<scalar_t, 1>);
-  } else if (p.dv <= 64) {
-    run(attention_fwd_kernel<scalar_t, 2>);
-  } else {
-    run(attention_fwd_kernel<scalar_t, 4>);
-  }
+  with_lanes(p.dv, [&](auto lanes) { run(attention_fwd_kernel<scalar_t, decltype(lanes)::value>); });
 }
 
 // batch_per_chunk and chunks (grid.x / H) as the caller sized table_partial / dense_grad.
@@ -542,13 +550,7 @@ void launch_bwd(Params<scalar_t> p, const BwdLayout& layout, int64_t chunks, int
     launch(kernel, grid, dim3(kThreads), layout.shared_bytes, stream, p, batch_per_chunk, q, k, v, out, dout, lse,
            dq_partial, dk, dv, table_partial, dense_grad);
   };
-  if (p.d <= 32) {
-    run(attention_bwd_kernel<scalar_t, 1>);
-  } else if (p.d <= 64) {
-    run(attention_bwd_kernel<scalar_t, 2>);
-  } else {
-    run(attention_bwd_kernel<scalar_t, 4>);
-  }
+  with_lanes(p.d, [&](auto lanes) { run(attention_bwd_kernel<scalar_t, decltype(lanes)::value>); });
 }
 
 }  // namespace vitkern::attn

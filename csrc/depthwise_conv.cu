@@ -4,21 +4,10 @@
 #include "depthwise_conv.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
-#ifndef VITKERN_EMULATION
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 #include "depthwise_conv_kernels.cuh"
-
-// float, at::Half and at::BFloat16 (the storage dtypes vitkern supports), as scalar_t.
-#define VITKERN_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                      \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
-                                         AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+#include "host.h"
 
 namespace vitkern {
 namespace dwconv {
@@ -38,22 +27,8 @@ namespace dw = dwconv;
 constexpr int64_t kMaxKernel = 63;
 constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.z: batch and channel blocks
 
-#ifdef VITKERN_EMULATION
-constexpr const char* kDeviceName = "cpu (the emulation build runs on CPU tensors)";
-bool on_expected_device(const at::Tensor& t) { return t.is_cpu(); }
-cudaStream_t stream_for(const at::Tensor&) { return nullptr; }
-struct DeviceGuard {
-  explicit DeviceGuard(const at::Tensor&) {}
-};
-#else
-constexpr const char* kDeviceName = "cuda";
-bool on_expected_device(const at::Tensor& t) { return t.is_cuda(); }
-cudaStream_t stream_for(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
-struct DeviceGuard {
-  explicit DeviceGuard(const at::Tensor& t) : guard(t.device()) {}
-  c10::cuda::CUDAGuard guard;
-};
-#endif
+using host::DeviceGuard;
+using host::stream_for;
 
 at::MemoryFormat memory_format_of(const at::Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
@@ -70,11 +45,7 @@ at::Tensor laid_out_like(const at::Tensor& t, const at::Tensor& like) {
   return at::empty_like(like).copy_(t);
 }
 
-void check_float_tensor(const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(on_expected_device(t), name, ": expected a tensor on ", kDeviceName, ", got device ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(),
-                   " (the dtype of x), got ", t.scalar_type());
-}
+void check_float_tensor(const char* name, const at::Tensor& t, const at::Tensor& x) { host::check_like(name, t, "x", x); }
 
 void check_vector(const char* name, const std::optional<at::Tensor>& t, const at::Tensor& x) {
   if (t.has_value()) {
@@ -134,9 +105,7 @@ dw::Geometry conv_geometry(at::IntArrayRef x_sizes, int64_t kh, int64_t kw, cons
 // Checks x, weight and the convolution arguments; returns the geometry (output size included).
 dw::Geometry check_conv(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t activation) {
-  TORCH_CHECK_VALUE(on_expected_device(x), "x: expected a tensor on ", kDeviceName, ", got device ", x.device());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "x: expected dtype float32, float16 or bfloat16, got ", x.scalar_type());
+  host::check_storage_tensor("x", x);
   TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-D tensor (N, C, H, W), got shape ", x.sizes());
   check_float_tensor("weight", weight, x);
   TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1, "weight: expected shape (",

@@ -1008,37 +1008,36 @@ ConvLaunch plan_window(const Geometry& g, const Strides& sx, int64_t out_h, int6
   return l;
 }
 
-// `aligned`: x is 16-byte aligned (a tensor allocated by torch always is).
-template <typename scalar_t, typename acc_t>
-ConvLaunch plan_fwd(const Geometry& g, const Strides& sx, bool aligned) {
-  ConvLaunch l = plan_window<scalar_t, acc_t>(g, sx, g.oh, g.ow, aligned);
+// The launch of the forward (kDx false: outputs of g.oh x g.ow) or of dx (kDx true: inputs of g.h x g.w), as
+// the sliding-window kernel when it applies, else as the generic tiled kernel. `aligned`: x is 16-byte aligned (a
+// tensor allocated by torch always is); dx reads no x and passes false.
+template <typename scalar_t, typename acc_t, bool kDx>
+ConvLaunch plan_conv(const Geometry& g, const Strides& sx, bool aligned) {
+  const int64_t rows = kDx ? g.h : g.oh;
+  const int64_t cols = kDx ? g.w : g.ow;
+  ConvLaunch l = plan_window<scalar_t, acc_t>(g, sx, rows, cols, aligned);
   if (l.window != 0) {
     return l;
   }
-  Tiling t = base_tiling(sx, g, g.oh, g.ow, kMaxTileOutputs);
-  fit_shared(t, g, sizeof(acc_t), [&](const Tiling& u) { return fwd_tile_floats(u, g); });
-  finish_tiling(t, g.oh, g.ow, sx, g, Vector16<scalar_t>::kSize, aligned);
+  const auto tile_floats = [&](const Tiling& u) { return kDx ? dx_tile_floats(u, g) : fwd_tile_floats(u, g); };
+  Tiling t = base_tiling(sx, g, rows, cols, kMaxTileOutputs);
+  fit_shared(t, g, sizeof(acc_t), tile_floats);
+  finish_tiling(t, rows, cols, sx, g, Vector16<scalar_t>::kSize, aligned);
   l.tiling = t;
   l.grid = dim3(t.tiles_h * t.tiles_w, static_cast<unsigned int>((g.c + t.cb - 1) / t.cb), g.n);
   l.block = dim3(kThreads);
-  l.shared_bytes = fwd_tile_floats(t, g) * sizeof(acc_t);
+  l.shared_bytes = tile_floats(t) * sizeof(acc_t);
   return l;
 }
 
 template <typename scalar_t, typename acc_t>
+ConvLaunch plan_fwd(const Geometry& g, const Strides& sx, bool aligned) {
+  return plan_conv<scalar_t, acc_t, false>(g, sx, aligned);
+}
+
+template <typename scalar_t, typename acc_t>
 ConvLaunch plan_dx(const Geometry& g, const Strides& sx) {
-  ConvLaunch l = plan_window<scalar_t, acc_t>(g, sx, g.h, g.w, false);
-  if (l.window != 0) {
-    return l;
-  }
-  Tiling t = base_tiling(sx, g, g.h, g.w, kMaxTileOutputs);
-  fit_shared(t, g, sizeof(acc_t), [&](const Tiling& u) { return dx_tile_floats(u, g); });
-  finish_tiling(t, g.h, g.w, sx, g, Vector16<scalar_t>::kSize, false);
-  l.tiling = t;
-  l.grid = dim3(t.tiles_h * t.tiles_w, static_cast<unsigned int>((g.c + t.cb - 1) / t.cb), g.n);
-  l.block = dim3(kThreads);
-  l.shared_bytes = dx_tile_floats(t, g) * sizeof(acc_t);
-  return l;
+  return plan_conv<scalar_t, acc_t, true>(g, sx, false);
 }
 
 // The sliding-window kernel (forward, or dx with kDx) for K x K (one of Ks), handed to fn as with_conv_kernel does.

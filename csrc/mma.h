@@ -205,23 +205,50 @@ __device__ inline void mma_m16n8k16(FragC& d, const FragA& a, const FragB& b, co
     return out;
   });
 #else
+// AB: the spelling of the 16-bit input type in the instruction, "bf16" or "f16".
+#define VITKERN_MMA_M16N8K16(AB)                                                                                 \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." AB "." AB ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "   \
+               "{%8, %9}, {%10, %11, %12, %13};\n"                                                               \
+               : "=f"(d.reg[0]), "=f"(d.reg[1]), "=f"(d.reg[2]), "=f"(d.reg[3])                                   \
+               : "r"(a.reg[0]), "r"(a.reg[1]), "r"(a.reg[2]), "r"(a.reg[3]), "r"(b.reg[0]), "r"(b.reg[1]),        \
+                 "f"(c.reg[0]), "f"(c.reg[1]), "f"(c.reg[2]), "f"(c.reg[3]))
   if constexpr (Element<T>::kBf16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%10, %11, %12, %13};\n"
-        : "=f"(d.reg[0]), "=f"(d.reg[1]), "=f"(d.reg[2]), "=f"(d.reg[3])
-        : "r"(a.reg[0]), "r"(a.reg[1]), "r"(a.reg[2]), "r"(a.reg[3]), "r"(b.reg[0]), "r"(b.reg[1]), "f"(c.reg[0]),
-          "f"(c.reg[1]), "f"(c.reg[2]), "f"(c.reg[3]));
+    VITKERN_MMA_M16N8K16("bf16");
   } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%10, %11, %12, %13};\n"
-        : "=f"(d.reg[0]), "=f"(d.reg[1]), "=f"(d.reg[2]), "=f"(d.reg[3])
-        : "r"(a.reg[0]), "r"(a.reg[1]), "r"(a.reg[2]), "r"(a.reg[3]), "r"(b.reg[0]), "r"(b.reg[1]), "f"(c.reg[0]),
-          "f"(c.reg[1]), "f"(c.reg[2]), "f"(c.reg[3]));
+    VITKERN_MMA_M16N8K16("f16");
+  }
+#undef VITKERN_MMA_M16N8K16
+#endif
+}
+
+namespace detail {
+
+// ldmatrix .x<kMatrices> (.trans with kTrans) from this lane's row address: regs[0 .. kMatrices - 1].
+template <int kMatrices, bool kTrans>
+__device__ inline void load_matrices(uint32_t (&regs)[kMatrices], const void* row, const char* op) {
+  static_assert(kMatrices == 2 || (kMatrices == 4 && !kTrans), "ldmatrix: .x2, .x2.trans or .x4");
+#ifdef VITKERN_EMULATION
+  ldmatrix(regs, kMatrices, kTrans, row, op);
+#else
+  (void)op;
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (kMatrices == 4) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3])
+                 : "r"(address));
+  } else if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(regs[0]), "=r"(regs[1])
+                 : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(regs[0]), "=r"(regs[1])
+                 : "r"(address));
   }
 #endif
 }
+
+}  // namespace detail
 
 // A 16 x 16 tile at smem (shared memory, row stride ld elements; every row 16-byte aligned): ldmatrix .x4 with
 // matrices (rows 0-7, cols 0-7), (rows 8-15, cols 0-7), (rows 0-7, cols 8-15), (rows 8-15, cols 8-15) = reg[0..3].
@@ -229,15 +256,8 @@ template <typename T>
 __device__ inline void ldmatrix_a(FragA& a, const T* smem, int ld) {
   static_assert(sizeof(T) == 2, "ldmatrix_a: T must be a 16-bit float type");
   const int lane = lane_id();
-  const T* row = smem + (lane % 8 + ((lane / 8) % 2) * 8) * ld + (lane / 16) * 8;
-#ifdef VITKERN_EMULATION
-  detail::ldmatrix(a.reg, 4, false, row, "ldmatrix_a");
-#else
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(a.reg[0]), "=r"(a.reg[1]), "=r"(a.reg[2]), "=r"(a.reg[3])
-               : "r"(address));
-#endif
+  detail::load_matrices<4, false>(a.reg, smem + (lane % 8 + ((lane / 8) % 2) * 8) * ld + (lane / 16) * 8,
+                                  "ldmatrix_a");
 }
 
 // B (16 x 8, k x n) stored transposed, [n][k] with k contiguous (row stride ld): ldmatrix .x2, matrices
@@ -246,15 +266,7 @@ template <typename T>
 __device__ inline void ldmatrix_b(FragB& b, const T* smem, int ld) {
   static_assert(sizeof(T) == 2, "ldmatrix_b: T must be a 16-bit float type");
   const int lane = lane_id();
-  const T* row = smem + (lane % 8) * ld + ((lane / 8) % 2) * 8;
-#ifdef VITKERN_EMULATION
-  detail::ldmatrix(b.reg, 2, false, row, "ldmatrix_b");
-#else
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(b.reg[0]), "=r"(b.reg[1])
-               : "r"(address));
-#endif
+  detail::load_matrices<2, false>(b.reg, smem + (lane % 8) * ld + ((lane / 8) % 2) * 8, "ldmatrix_b");
 }
 
 // B (16 x 8, k x n) stored [k][n] with n contiguous (row stride ld): ldmatrix .x2.trans, matrices (k 0-7),
@@ -262,16 +274,7 @@ __device__ inline void ldmatrix_b(FragB& b, const T* smem, int ld) {
 template <typename T>
 __device__ inline void ldmatrix_b_trans(FragB& b, const T* smem, int ld) {
   static_assert(sizeof(T) == 2, "ldmatrix_b_trans: T must be a 16-bit float type");
-  const int lane = lane_id();
-  const T* row = smem + (lane % 16) * ld;
-#ifdef VITKERN_EMULATION
-  detail::ldmatrix(b.reg, 2, true, row, "ldmatrix_b_trans");
-#else
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(b.reg[0]), "=r"(b.reg[1])
-               : "r"(address));
-#endif
+  detail::load_matrices<2, true>(b.reg, smem + (lane_id() % 16) * ld, "ldmatrix_b_trans");
 }
 
 }  // namespace vitkern::mma
