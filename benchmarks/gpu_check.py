@@ -230,14 +230,7 @@ def stage_tests(check: Check) -> list[dict]:
         started = time.time()
         status, output = run_capped(check, command, seconds, f"tests_{name}.log")
         summary = _pytest_summary(output)
-        if status is None:
-            verdict = f"stopped at the {seconds:.0f} s cap"
-            check.failures.append(f"{name} tests: {verdict}")
-        elif status == 0:
-            verdict = "passed"
-        else:
-            verdict = f"failed (exit {status})"
-            check.failures.append(f"{name} tests: {summary}")
+        verdict = _verdict(check, status, seconds, f"{name} tests", summary, cap_fails=True)
         check.say(f"stage 3: {name} tests {verdict} in {time.time() - started:.0f} s: {summary}")
         results.append({"set": name, "status": verdict, "summary": summary, "log": f"tests_{name}.log"})
     return results
@@ -281,16 +274,24 @@ def stage_sanitizer(check: Check) -> list[dict]:
         started = time.time()
         status, output = run_capped(check, command, seconds, f"sanitizer_{tool}.log")
         summary = _last_line(output)
-        if status is None:
-            verdict = f"stopped at the {seconds:.0f} s cap"
-        elif status == 0:
-            verdict = "passed"
-        else:
-            verdict = f"failed (exit {status})"
-            check.failures.append(f"{tool}: {summary}")
+        verdict = _verdict(check, status, seconds, tool, summary, cap_fails=False)
         check.say(f"stage 4: {tool} {verdict} in {time.time() - started:.0f} s: {summary}")
         results.append({"tool": tool, "status": verdict, "summary": summary, "log": f"sanitizer_{tool}.log"})
     return results
+
+
+def _verdict(check: Check, status: int | None, seconds: float, what: str, summary: str, cap_fails: bool) -> str:
+    """ "passed", "failed (exit N)" (a failure of the check) or "stopped at the N s cap" (a failure if cap_fails)
+    for a capped command's exit status (None: stopped at the cap)."""
+    if status == 0:
+        return "passed"
+    if status is None:
+        verdict = f"stopped at the {seconds:.0f} s cap"
+        if cap_fails:
+            check.failures.append(f"{what}: {verdict}")
+        return verdict
+    check.failures.append(f"{what}: {summary}")
+    return f"failed (exit {status})"
 
 
 def _last_line(output: str) -> str:
