@@ -46,8 +46,13 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _cuda_archs() -> list[str]:
+    """The architectures of ``VITKERN_CUDA_ARCHS`` (default ``8.0;9.0``), as "8.0", "9.0"."""
+    return [a.strip() for a in os.environ.get("VITKERN_CUDA_ARCHS", "8.0;9.0").split(";") if a.strip()]
+
+
 def _cuda_arch_flags() -> list[str]:
-    archs = [a.strip() for a in os.environ.get("VITKERN_CUDA_ARCHS", "8.0;9.0").split(";") if a.strip()]
+    archs = _cuda_archs()
     flags = []
     for arch in archs:
         num = arch.replace(".", "")
@@ -73,6 +78,8 @@ def _build_ext_class(base):
             if missing:
                 sys.exit(f"vitkern: the build was asked for {', '.join(missing)} and did not produce it")
             info = {"torch": torch.__version__, "cuda": torch.version.cuda, "extensions": sorted(paths)}
+            if "vitkern._C" in paths:
+                info["cuda_archs"] = _cuda_archs()
             target = next(iter(paths.values())).parent / BUILD_INFO
             target.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 

@@ -84,11 +84,17 @@ def test_build_that_does_not_produce_an_extension_fails(tmp_path):
     assert not (tmp_path / "vitkern" / "_build_info.json").exists()
 
 
-def test_build_records_the_torch_it_compiled_against(tmp_path):
+@pytest.mark.parametrize("archs, expected", [(None, ["8.0", "9.0"]), ("9.0", ["9.0"]), ("8.0; 9.0;", ["8.0", "9.0"])])
+def test_build_records_the_torch_and_architectures_it_compiled_for(tmp_path, monkeypatch, archs, expected):
+    if archs is None:
+        monkeypatch.delenv("VITKERN_CUDA_ARCHS", raising=False)
+    else:
+        monkeypatch.setenv("VITKERN_CUDA_ARCHS", archs)
     _fake_build(tmp_path, produce={"vitkern._C", "vitkern._emulation"}).run()
     info = json.loads((tmp_path / "vitkern" / "_build_info.json").read_text())
     assert info == {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "extensions": ["vitkern._C", "vitkern._emulation"],
+        "cuda_archs": expected,
     }

@@ -24,6 +24,7 @@ import pytest
 import triton
 import triton.language as tl
 
+import vitkern
 from vitkern.kernels._specs import KernelSpec
 from vitkern.tools import kernel_report
 from vitkern.tools.kernel_report import KernelResources
@@ -367,9 +368,13 @@ def test_cuda_extension_kernels_have_no_local_memory():
         "vitkern._C is not built, so its kernels cannot be checked; build it with "
         "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .",
     )
-    rows, failures = kernel_report.cuda_report(path, ARCHS)
+    # every architecture the extension was built for (setup.py records them; VITKERN_CUDA_ARCHS, default 8.0;9.0)
+    info = json.loads((Path(vitkern.__file__).with_name("_build_info.json")).read_text())
+    archs = tuple(int(arch.replace(".", "")) for arch in info.get("cuda_archs", ["8.0", "9.0"]))
+    rows, failures = kernel_report.cuda_report(path, archs)
     assert failures == [], failures
     assert rows, f"no kernels found in {path}"
+    assert {row.arch for row in rows} == set(archs)
     failing = [f"{row.name} sm_{row.arch}: {'; '.join(row.problems())}" for row in rows if not row.ok]
     assert not failing, "\n".join(failing)
 
