@@ -79,25 +79,15 @@ def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols):
 
 
 @triton.jit
-def _bias_tile(
-    bias_ptr,
-    qi,
-    kj,
-    mask,
-    stride_biasm,
-    stride_biasn,
-    q_grid_w,
-    k_grid_w,
-    q_step,
-    win_h,
-    BIAS_MODE: tl.constexpr,
-):
+def _bias_tile(bias, qi, kj, mask, BIAS_MODE: tl.constexpr):
     """bias[qi, kj] in fp32 for broadcastable index tensors qi (queries) and kj (keys); 0 where ~mask.
 
-    bias_ptr is already advanced to the program's (batch, head) (:func:`_bias_base`). Modes 1/2 address the table /
-    biases as ``index * stride_biasm``; mode 3 as ``qi * stride_biasm + kj * stride_biasn``. Query token i sits at
-    (i // q_grid_w, i % q_grid_w) * q_step, key token j at (j // k_grid_w, j % k_grid_w).
+    bias is the tuple (bias_ptr, stride_biasm, stride_biasn, q_grid_w, k_grid_w, q_step, win_h) of the kernel's
+    arguments, bias_ptr already advanced to the program's (batch, head) (:func:`_head_base`). Modes 1/2 address the
+    table / biases as ``index * stride_biasm``; mode 3 as ``qi * stride_biasm + kj * stride_biasn``. Query token i
+    sits at (i // q_grid_w, i % q_grid_w) * q_step, key token j at (j // k_grid_w, j % k_grid_w).
     """
+    bias_ptr, stride_biasm, stride_biasn, q_grid_w, k_grid_w, q_step, win_h = bias
     if BIAS_MODE == 3:
         offs = qi * stride_biasm + kj * stride_biasn
     else:
@@ -121,9 +111,51 @@ def _mask_tile(attn_mask_ptr, qi, kj, valid, NK):
 
 
 @triton.jit
-def _bias_base(bias_ptr, b, h, stride_biasb, stride_biash):
-    """bias_ptr advanced to batch b, head h (int64 scalars); tile offsets from there stay 32-bit."""
-    return bias_ptr + b * stride_biasb + h * stride_biash
+def _scores(a, b, qk_scale, bias, attn_mask_ptr, qi, kj, valid, NK, BIAS_MODE: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Scores in base 2: (a @ b) * qk_scale (qk_scale = scale * log2(e)), plus log2(e) * (bias + mask) at query
+    indices qi and key indices kj, which broadcast to the tile; bias and mask read as 0 where ~valid. a @ b is
+    q @ k^T, or k @ q^T in the transposed tiles of :func:`_attention_bwd_dkdv_kernel`. bias as in
+    :func:`_bias_tile`, attn_mask_ptr as in :func:`_mask_tile`."""
+    s = tl.dot(a, b, input_precision="ieee") * qk_scale
+    if BIAS_MODE != 0:
+        s += LOG2E * _bias_tile(bias, qi, kj, valid, BIAS_MODE)
+    if HAS_MASK:
+        s += LOG2E * _mask_tile(attn_mask_ptr, qi, kj, valid, NK)
+    return s
+
+
+@triton.jit
+def _head_base(ptr, b, h, stride_b, stride_h):
+    """ptr advanced to batch b, head h (int64 scalars); tile offsets from there stay 32-bit."""
+    return ptr + b * stride_b + h * stride_h
+
+
+@triton.jit
+def _head_bases(q_ptr, k_ptr, v_ptr, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh):
+    """q_ptr, k_ptr and v_ptr advanced to batch b, head h (:func:`_head_base`)."""
+    q_base = _head_base(q_ptr, b, h, stride_qb, stride_qh)
+    k_base = _head_base(k_ptr, b, h, stride_kb, stride_kh)
+    v_base = _head_base(v_ptr, b, h, stride_vb, stride_vh)
+    return q_base, k_base, v_base
+
+
+@triton.jit
+def _program_bases(H, q_ptr, k_ptr, v_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh):
+    """The program's batch entry and head from grid axis 1 (B * H programs): (b * H + h, b, h) as int64 scalars,
+    then q_ptr, k_ptr and v_ptr advanced to them."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base, k_base, v_base = _head_bases(
+        q_ptr, k_ptr, v_ptr, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh
+    )
+    return pid_bh, b, h, q_base, k_base, v_base
+
+
+@triton.jit
+def _window_base(attn_mask_ptr, b, num_windows, NQ, NK):
+    """attn_mask_ptr ((num_windows, NQ, NK) contiguous) advanced to batch entry b's window, b % num_windows."""
+    return attn_mask_ptr + (b % num_windows) * NQ * NK
 
 
 @triton.jit
@@ -185,16 +217,13 @@ def _attention_fwd_kernel(
     strides; bias_ptr: see :func:`_bias_tile`; out_ptr: (B, H, NQ, DV) contiguous; lse_ptr: (B, H, NQ) fp32
     contiguous. A row whose every score is -inf gets out = 0 and lse = -inf.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_ptr += b * stride_qb + h * stride_qh
-    k_ptr += b * stride_kb + h * stride_kh
-    v_ptr += b * stride_vb + h * stride_vh
-    bias_ptr = _bias_base(bias_ptr, b, h, stride_biasb, stride_biash)
-    attn_mask_ptr += (b % num_windows) * NQ * NK
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    pid_bh, b, h, q_ptr, k_ptr, v_ptr = _program_bases(
+        H, q_ptr, k_ptr, v_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh
+    )
+    bias_ptr = _head_base(bias_ptr, b, h, stride_biasb, stride_biash)
+    bias = (bias_ptr, stride_biasm, stride_biasn, q_grid_w, k_grid_w, q_step, win_h)
+    attn_mask_ptr = _window_base(attn_mask_ptr, b, num_windows, NQ, NK)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -207,23 +236,9 @@ def _attention_fwd_kernel(
         kj = start_n + cols
         keys = start_n + tl.arange(0, BLOCK_N)[:, None]
         k = _load_tile(k_ptr, keys, offs_d[None, :], stride_kn, stride_kd, NK, D)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        if BIAS_MODE != 0:
-            s += LOG2E * _bias_tile(
-                bias_ptr,
-                rows,
-                kj,
-                (rows < NQ) & (kj < NK),
-                stride_biasm,
-                stride_biasn,
-                q_grid_w,
-                k_grid_w,
-                q_step,
-                win_h,
-                BIAS_MODE,
-            )
-        if HAS_MASK:
-            s += LOG2E * _mask_tile(attn_mask_ptr, rows, kj, (rows < NQ) & (kj < NK), NK)
+        s = _scores(
+            q, tl.trans(k), qk_scale, bias, attn_mask_ptr, rows, kj, (rows < NQ) & (kj < NK), NK, BIAS_MODE, HAS_MASK
+        )
         s = tl.where(kj < NK, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -238,7 +253,7 @@ def _attention_fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
     out_ptrs = out_ptr + pid_bh * NQ * DV + rows * DV + offs_dv[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < NQ) & (offs_dv[None, :] < DV))
-    q_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     tl.store(lse_ptr + pid_bh * NQ + q_rows, lse, mask=q_rows < NQ)
 
 
@@ -304,17 +319,14 @@ def _attention_bwd_dq_kernel(
     lse_ptr, delta_ptr: (B, H, NQ) fp32 contiguous; dq_ptr: (B, H, NQ, D) contiguous; dbias_ptr: (B, H, NQ, NK)
     through its strides.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_ptr += b * stride_qb + h * stride_qh
-    k_ptr += b * stride_kb + h * stride_kh
-    v_ptr += b * stride_vb + h * stride_vh
-    bias_ptr = _bias_base(bias_ptr, b, h, stride_biasb, stride_biash)
-    attn_mask_ptr += (b % num_windows) * NQ * NK
+    pid_bh, b, h, q_ptr, k_ptr, v_ptr = _program_bases(
+        H, q_ptr, k_ptr, v_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh
+    )
+    bias_ptr = _head_base(bias_ptr, b, h, stride_biasb, stride_biash)
+    bias = (bias_ptr, stride_biasm, stride_biasn, q_grid_w, k_grid_w, q_step, win_h)
+    attn_mask_ptr = _window_base(attn_mask_ptr, b, num_windows, NQ, NK)
     dbias_ptr += b * stride_dbiasb + h * stride_dbiash
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
     offs_dv = tl.arange(0, BLOCK_DV)[None, :]
@@ -322,7 +334,7 @@ def _attention_bwd_dq_kernel(
     do = _load_tile(dout_ptr + pid_bh * NQ * DV, rows, offs_dv, DV, 1, NQ, DV)
     o = _load_tile(out_ptr + pid_bh * NQ * DV, rows, offs_dv, DV, 1, NQ, DV)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    q_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     tl.store(delta_ptr + pid_bh * NQ + q_rows, delta, mask=q_rows < NQ)
     lse2 = _safe_lse2(lse_ptr + pid_bh * NQ, q_rows, NQ)
     qk_scale = scale * LOG2E
@@ -333,23 +345,7 @@ def _attention_bwd_dq_kernel(
         mask = (rows < NQ) & (kj < NK)
         k = _load_tile(k_ptr, keys, offs_d, stride_kn, stride_kd, NK, D)
         v = _load_tile(v_ptr, keys, offs_dv, stride_vn, stride_vd, NK, DV)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        if BIAS_MODE != 0:
-            s += LOG2E * _bias_tile(
-                bias_ptr,
-                rows,
-                kj,
-                mask,
-                stride_biasm,
-                stride_biasn,
-                q_grid_w,
-                k_grid_w,
-                q_step,
-                win_h,
-                BIAS_MODE,
-            )
-        if HAS_MASK:
-            s += LOG2E * _mask_tile(attn_mask_ptr, rows, kj, mask, NK)
+        s = _scores(q, tl.trans(k), qk_scale, bias, attn_mask_ptr, rows, kj, mask, NK, BIAS_MODE, HAS_MASK)
         p = tl.where(mask, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
@@ -414,14 +410,12 @@ def _attention_bwd_dkdv_kernel(
     dv_ptr: (B, H, NK, DV), both contiguous.
     """
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_ptr += b * stride_qb + h * stride_qh
-    k_ptr += b * stride_kb + h * stride_kh
-    v_ptr += b * stride_vb + h * stride_vh
-    bias_ptr = _bias_base(bias_ptr, b, h, stride_biasb, stride_biash)
-    attn_mask_ptr += (b % num_windows) * NQ * NK
+    pid_bh, b, h, q_ptr, k_ptr, v_ptr = _program_bases(
+        H, q_ptr, k_ptr, v_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh
+    )
+    bias_ptr = _head_base(bias_ptr, b, h, stride_biasb, stride_biash)
+    bias = (bias_ptr, stride_biasm, stride_biasn, q_grid_w, k_grid_w, q_step, win_h)
+    attn_mask_ptr = _window_base(attn_mask_ptr, b, num_windows, NQ, NK)
     dout_ptr += pid_bh * NQ * DV
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
     offs_d = tl.arange(0, BLOCK_D)
@@ -439,23 +433,7 @@ def _attention_bwd_dkdv_kernel(
         do = _load_tile(dout_ptr, q_rows[:, None], offs_dv[None, :], DV, 1, NQ, DV)
         lse2 = _safe_lse2(lse_ptr + pid_bh * NQ, q_rows, NQ)
         delta = tl.load(delta_ptr + pid_bh * NQ + q_rows, mask=q_rows < NQ, other=0.0)
-        s_t = tl.dot(k, q_t, input_precision="ieee") * qk_scale
-        if BIAS_MODE != 0:
-            s_t += LOG2E * _bias_tile(
-                bias_ptr,
-                qi,
-                keys,
-                mask,
-                stride_biasm,
-                stride_biasn,
-                q_grid_w,
-                k_grid_w,
-                q_step,
-                win_h,
-                BIAS_MODE,
-            )
-        if HAS_MASK:
-            s_t += LOG2E * _mask_tile(attn_mask_ptr, qi, keys, mask, NK)
+        s_t = _scores(k, q_t, qk_scale, bias, attn_mask_ptr, qi, keys, mask, NK, BIAS_MODE, HAS_MASK)
         p_t = tl.where(mask, tl.math.exp2(s_t - lse2[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
@@ -551,7 +529,7 @@ def _attention_bwd_table_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_g = g0 + tl.arange(0, BLOCK_G)[None, :]
-    bias_base = bias_ptr + h * stride_biash
+    bias = (bias_ptr + h * stride_biash, stride_biasm, 0, q_grid_w, k_grid_w, q_step, win_h)
     qk_scale = scale * LOG2E
     acc = tl.zeros([BLOCK_G], tl.float32)
     for xq0 in range(0, q_grid_w, BLOCK_X):
@@ -568,9 +546,10 @@ def _attention_bwd_table_kernel(
             if (bin_lo < g0 + BLOCK_G) & (bin_hi >= g0):
                 ds_sum = tl.zeros([BLOCK_X, BLOCK_X], tl.float32)
                 for bb in range(b_lo, b_hi):
-                    base_q = q_ptr + bb * stride_qb + h * stride_qh
-                    base_k = k_ptr + bb * stride_kb + h * stride_kh
-                    base_v = v_ptr + bb * stride_vb + h * stride_vh
+                    base_q, base_k, base_v = _head_bases(
+                        q_ptr, k_ptr, v_ptr, bb, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh
+                    )
+                    window_mask = _window_base(attn_mask_ptr, bb, num_windows, NQ, NK)
                     bh = bb * H + h
                     for t in range(t_lo, t_hi):
                         if BIAS_MODE == 1:
@@ -608,23 +587,7 @@ def _attention_bwd_table_kernel(
                         )
                         lse2 = _safe_lse2(lse_ptr + bh * NQ, q_rows, NQ)
                         delta = tl.load(delta_ptr + bh * NQ + q_rows, mask=q_ok, other=0.0)
-                        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-                        s += LOG2E * _bias_tile(
-                            bias_base,
-                            qi,
-                            kj,
-                            mask,
-                            stride_biasm,
-                            0,
-                            q_grid_w,
-                            k_grid_w,
-                            q_step,
-                            win_h,
-                            BIAS_MODE,
-                        )
-                        if HAS_MASK:
-                            window_mask = attn_mask_ptr + (bb % num_windows) * NQ * NK
-                            s += LOG2E * _mask_tile(window_mask, qi, kj, mask, NK)
+                        s = _scores(q, tl.trans(k), qk_scale, bias, window_mask, qi, kj, mask, NK, BIAS_MODE, HAS_MASK)
                         p = tl.where(mask, tl.math.exp2(s - lse2[:, None]), 0.0)
                         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
                         ds_sum += p * (dp - delta[:, None])
@@ -753,17 +716,25 @@ def _bias_strides(bias: torch.Tensor | None, bias_mode: int) -> tuple[int, int, 
     return 0, 0, 0, 0
 
 
-def _grid_args(bias_mode: int, geometry: list[int]) -> tuple[int, int, int, int]:
-    geo = _geometry(bias_mode, geometry)
-    return geo["q_grid_w"], geo["k_grid_w"], geo["q_step"], geo["win_h"]
-
-
 def _mask_args(mask: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The (pointer, num_windows) pair the kernels take for ``mask``; q stands in for the pointer when there is none
     (HAS_MASK is False then and the kernels never read it)."""
     if mask is None:
         return q, 1
     return mask, mask.shape[0]
+
+
+def _shared_args(q, k, v, bias, mask, bias_mode, geometry, scale) -> tuple:
+    """What the forward, dq and dkdv kernels share, as (bias pointer, mask pointer, strides, sizes, options): the
+    pointers as :func:`_mask_args` (q standing in for an absent bias too); the q, k, v and bias strides; H, NQ, NK,
+    D, DV, scale, the query / key grids and the number of mask windows; the switches and launch options."""
+    geo = _geometry(bias_mode, geometry)
+    mask_arg, num_windows = _mask_args(mask, q)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias, bias_mode))
+    sizes = (q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3], scale)
+    sizes += (geo["q_grid_w"], geo["k_grid_w"], geo["q_step"], geo["win_h"], num_windows)
+    options = {"BIAS_MODE": bias_mode, "HAS_MASK": mask is not None, "num_stages": NUM_STAGES, "maxnreg": MAX_REGISTERS}
+    return q if bias is None else bias, mask_arg, strides, sizes, options
 
 
 def attention_fwd(
@@ -785,33 +756,8 @@ def attention_fwd(
     lse = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
     config = _fwd_config(nq, nk, d, dv, q.dtype)
     grid = (triton.cdiv(nq, config["BLOCK_M"]), batch * heads)
-    mask_arg, num_windows = _mask_args(mask, q)
-    _attention_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        q if bias is None else bias,
-        mask_arg,
-        out,
-        lse,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *_bias_strides(bias, bias_mode),
-        heads,
-        nq,
-        nk,
-        d,
-        dv,
-        scale,
-        *_grid_args(bias_mode, geometry),
-        num_windows,
-        BIAS_MODE=bias_mode,
-        HAS_MASK=mask is not None,
-        num_stages=NUM_STAGES,
-        maxnreg=MAX_REGISTERS,
-        **config,
-    )
+    bias_arg, mask_arg, strides, sizes, options = _shared_args(q, k, v, bias, mask, bias_mode, geometry, scale)
+    _attention_fwd_kernel[grid](q, k, v, bias_arg, mask_arg, out, lse, *strides, *sizes, **options, **config)
     return out, lse
 
 
@@ -840,10 +786,7 @@ def attention_bwd(
     dk = torch.empty((batch, heads, nk, d), dtype=q.dtype, device=q.device)
     dv = torch.empty((batch, heads, nk, dv_dim), dtype=q.dtype, device=q.device)
     delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
-    bias_arg = q if bias is None else bias
-    mask_arg, num_windows = _mask_args(mask, q)
-    bias_strides = _bias_strides(bias, bias_mode)
-    grid_args = _grid_args(bias_mode, geometry)
+    bias_arg, mask_arg, strides, sizes, options = _shared_args(q, k, v, bias, mask, bias_mode, geometry, scale)
     config = _bwd_config(nq, nk, d, dv_dim, q.dtype)
     dense_grad = bias_grad and bias_mode == BIAS_DENSE
     full_shape = (batch, heads, nq, nk)
@@ -864,24 +807,11 @@ def attention_bwd(
         mask_arg,
         dq,
         ds_target,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *bias_strides,
+        *strides,
         *(ds_target.stride() if dense_grad else (0, 0, 0, 0)),
-        heads,
-        nq,
-        nk,
-        d,
-        dv_dim,
-        scale,
-        *grid_args,
-        num_windows,
-        BIAS_MODE=bias_mode,
-        HAS_MASK=mask is not None,
+        *sizes,
         BIAS_GRAD=dense_grad,
-        num_stages=NUM_STAGES,
-        maxnreg=MAX_REGISTERS,
+        **options,
         **config,
     )
     _attention_bwd_dkdv_kernel[(triton.cdiv(nk, config["BLOCK_N"]), batch * heads)](
@@ -895,22 +825,9 @@ def attention_bwd(
         mask_arg,
         dk,
         dv,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *bias_strides,
-        heads,
-        nq,
-        nk,
-        d,
-        dv_dim,
-        scale,
-        *grid_args,
-        num_windows,
-        BIAS_MODE=bias_mode,
-        HAS_MASK=mask is not None,
-        num_stages=NUM_STAGES,
-        maxnreg=MAX_REGISTERS,
+        *strides,
+        *sizes,
+        **options,
         **config,
     )
     if not bias_grad:

@@ -47,6 +47,35 @@ BIAS_MODES = (BIAS_NONE, BIAS_REL_POS, BIAS_LEVIT, BIAS_DENSE)
 # The largest q/k and v head dim the attention kernels take.
 MAX_HEAD_DIM = 128
 
+# The four signatures above in torch.library schema syntax, (arguments, returns): what the custom ops of
+# vitkern.custom_ops declare, with the kernel family (``str backend``) after them (:func:`with_backend`). csrc/ops.cpp
+# registers the CUDA C++ families' ops with the same arguments, its int lists fixed-size.
+DEPTHWISE_CONV2D_FWD_SCHEMA = (
+    "Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift, Tensor? residual, SymInt[] stride, "
+    "SymInt[] padding, SymInt[] dilation, SymInt activation, bool save_z",
+    "(Tensor, Tensor)",
+)
+DEPTHWISE_CONV2D_BWD_SCHEMA = (
+    "Tensor dy, Tensor x, Tensor weight, Tensor z, Tensor? scale, SymInt[] stride, SymInt[] padding, "
+    "SymInt[] dilation, SymInt activation, bool[] output_mask",
+    "(Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+ATTENTION_FWD_SCHEMA = (
+    "Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? mask, SymInt bias_mode, SymInt[] geometry, float scale",
+    "(Tensor, Tensor)",
+)
+ATTENTION_BWD_SCHEMA = (
+    "Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? bias, Tensor? mask, "
+    "SymInt bias_mode, SymInt[] geometry, float scale, bool bias_grad",
+    "(Tensor, Tensor, Tensor, Tensor)",
+)
+
+
+def with_backend(schema: tuple[str, str]) -> str:
+    """The schema of an op that takes a contract signature's arguments and then the kernel family to run them on."""
+    arguments, returns = schema
+    return f"({arguments}, str backend) -> {returns}"
+
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
     """channels_last when x is laid out that way (and not also plain contiguous), else contiguous_format."""

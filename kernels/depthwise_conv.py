@@ -74,18 +74,37 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _pixel_tile(pid, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Split a 1-D program id into (image n, pixel offsets (BLOCK_P,), channel offsets (BLOCK_C,)); pixel blocks
-    vary fastest, then channel blocks, then images."""
-    num_p = tl.cdiv(P, BLOCK_P)
+def _layout_strides(stride_c, stride_w, CHANNELS_LAST: tl.constexpr):
+    """(channel stride, column stride) of a tensor, the one its layout makes 1 taken as 1: the channel stride for
+    channels_last, the column stride for NCHW."""
+    if CHANNELS_LAST:
+        strides = 1, stride_w
+    else:
+        strides = stride_c, 1
+    return strides
+
+
+@triton.jit
+def _pixel_tile(pid, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Split a 1-D program id into image n, a block of BLOCK_P pixels of the H x W image (rows, columns, in-bounds
+    mask) and a block of BLOCK_C channels (offsets, mask); pixel blocks vary fastest, then channel blocks, then
+    images."""
+    num_p = tl.cdiv(H * W, BLOCK_P)
     num_c = tl.cdiv(C, BLOCK_C)
     pid_p = pid % num_p
     rest = pid // num_p
     pid_c = rest % num_c
     n = rest // num_c
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    row = p // W
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    return n, p, c
+    return n, row, p - row * W, p < H * W, c, c < C
+
+
+@triton.jit
+def _image_offsets(n, c, row, col, stride_n, stride_c, stride_h, stride_w):
+    """(pixels, channels) offsets of channels c (BLOCK_C,) at pixels (row, col) (BLOCK_P,) of image n, int64."""
+    return n.to(tl.int64) * stride_n + (c * stride_c)[None, :] + (row * stride_h + col * stride_w)[:, None]
 
 
 @triton.jit
@@ -95,6 +114,12 @@ def _taps(t0, KH, KW, BLOCK_T: tl.constexpr):
     kh = t // KW
     kw = t - kh * KW
     return t[:, None, None], kh[:, None, None], kw[:, None, None], (t < KH * KW)[:, None, None]
+
+
+@triton.jit
+def _tap_weights(w_base, t, t_mask, c_mask, stride_wt):
+    """The weights of taps t (as :func:`_taps`) for the channels w_base points at, fp32, (BLOCK_T, 1, BLOCK_C)."""
+    return tl.load(w_base + t * stride_wt, mask=t_mask & c_mask[None, None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -148,22 +173,10 @@ def _dwconv_fwd_kernel(
     with the strides stride_y*. stride_xw and stride_yw (NCHW) or stride_xc and stride_yc (channels_last) are taken
     as 1. Each step of the tap loop gathers a (BLOCK_T, BLOCK_P, BLOCK_C) tile; the tap axis is summed at the end.
     """
-    n, p, c = _pixel_tile(tl.program_id(0), OH * OW, C, BLOCK_P, BLOCK_C)
-    p_mask = p < OH * OW
-    c_mask = c < C
-    oh = p // OW
-    ow = p - oh * OW
-    if CHANNELS_LAST:
-        x_chan = c
-        y_chan = c
-        x_col = stride_xw
-        y_pix = oh * stride_yh + ow * stride_yw
-    else:
-        x_chan = c * stride_xc
-        y_chan = c * stride_yc
-        x_col = 1
-        y_pix = oh * stride_yh + ow
-    x_base = x_ptr + n.to(tl.int64) * stride_xn + x_chan[None, None, :]
+    n, oh, ow, p_mask, c, c_mask = _pixel_tile(tl.program_id(0), OH, OW, C, BLOCK_P, BLOCK_C)
+    stride_xc, stride_xw = _layout_strides(stride_xc, stride_xw, CHANNELS_LAST)
+    stride_yc, stride_yw = _layout_strides(stride_yc, stride_yw, CHANNELS_LAST)
+    x_base = x_ptr + n.to(tl.int64) * stride_xn + (c * stride_xc)[None, None, :]
     w_base = w_ptr + (c * stride_wc)[None, None, :]
     ih0 = (oh * STRIDE_H - PAD_T)[None, :, None]
     iw0 = (ow * STRIDE_W - PAD_L)[None, :, None]
@@ -174,13 +187,12 @@ def _dwconv_fwd_kernel(
         ih = ih0 + kh * DIL_H
         iw = iw0 + kw * DIL_W
         ok = pc_mask & t_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xv = tl.load(x_base + ih * stride_xh + iw * x_col, mask=ok, other=0.0)
-        wv = tl.load(w_base + t * stride_wt, mask=t_mask & c_mask[None, None, :], other=0.0)
-        acc += xv.to(tl.float32) * wv.to(tl.float32)
+        xv = tl.load(x_base + ih * stride_xh + iw * stride_xw, mask=ok, other=0.0)
+        acc += xv.to(tl.float32) * _tap_weights(w_base, t, t_mask, c_mask, stride_wt)
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:
         out += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    y_off = n.to(tl.int64) * stride_yn + y_chan[None, :] + y_pix[:, None]
+    y_off = _image_offsets(n, c, oh, ow, stride_yn, stride_yc, stride_yh, stride_yw)
     mask = p_mask[:, None] & c_mask[None, :]
     if SAVE_Z:
         tl.store(z_ptr + y_off, out.to(z_ptr.dtype.element_ty), mask=mask)
@@ -332,22 +344,10 @@ def _dwconv_bwd_input_kernel(
     (C, KH * KW) read through (stride_wc, stride_wt); dx_ptr: (N, C, H, W) with strides stride_x*. STRIDED is
     False when both strides are 1 (no divisibility test then).
     """
-    n, p, c = _pixel_tile(tl.program_id(0), H * W, C, BLOCK_P, BLOCK_C)
-    p_mask = p < H * W
-    c_mask = c < C
-    ih = p // W
-    iw = p - ih * W
-    if CHANNELS_LAST:
-        g_chan = c
-        g_col = stride_yw
-        x_chan = c
-        x_pix = ih * stride_xh + iw * stride_xw
-    else:
-        g_chan = c * stride_yc
-        g_col = 1
-        x_chan = c * stride_xc
-        x_pix = ih * stride_xh + iw
-    g_base = gz_ptr + n.to(tl.int64) * stride_yn + g_chan[None, None, :]
+    n, ih, iw, p_mask, c, c_mask = _pixel_tile(tl.program_id(0), H, W, C, BLOCK_P, BLOCK_C)
+    stride_xc, stride_xw = _layout_strides(stride_xc, stride_xw, CHANNELS_LAST)
+    stride_yc, stride_yw = _layout_strides(stride_yc, stride_yw, CHANNELS_LAST)
+    g_base = gz_ptr + n.to(tl.int64) * stride_yn + (c * stride_yc)[None, None, :]
     w_base = w_ptr + (c * stride_wc)[None, None, :]
     pc_mask = p_mask[None, :, None] & c_mask[None, None, :]
     # ih + PAD_T = q_h * STRIDE_H + r_h, once per pixel (the same for w).
@@ -361,10 +361,9 @@ def _dwconv_bwd_input_kernel(
         t, kh, kw, t_mask = _taps(t0, KH, KW, BLOCK_T)
         oh, ok_h = _source_index(q_h, r_h, kh * DIL_H, OH, STRIDE_H, STRIDED)
         ow, ok_w = _source_index(q_w, r_w, kw * DIL_W, OW, STRIDE_W, STRIDED)
-        gv = tl.load(g_base + oh * stride_yh + ow * g_col, mask=pc_mask & t_mask & ok_h & ok_w, other=0.0)
-        wv = tl.load(w_base + t * stride_wt, mask=t_mask & c_mask[None, None, :], other=0.0)
-        acc += gv.to(tl.float32) * wv.to(tl.float32)
-    dx_off = n.to(tl.int64) * stride_xn + x_chan[None, :] + x_pix[:, None]
+        gv = tl.load(g_base + oh * stride_yh + ow * stride_yw, mask=pc_mask & t_mask & ok_h & ok_w, other=0.0)
+        acc += gv.to(tl.float32) * _tap_weights(w_base, t, t_mask, c_mask, stride_wt)
+    dx_off = _image_offsets(n, c, ih, iw, stride_xn, stride_xc, stride_xh, stride_xw)
     tl.store(dx_ptr + dx_off, tl.sum(acc, axis=0).to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
 
@@ -485,8 +484,18 @@ def split_count(iterations: int, programs: int) -> int:
     return max(1, min(iterations // MIN_SPLIT_ITERATIONS, TARGET_PROGRAMS // max(programs, 1)))
 
 
+def _tile_constexprs(channels_last: bool, block_t: int, block_p: int, block_c: int) -> dict[str, int]:
+    """The layout switch and tile of the forward, dx and dweight kernels (a :func:`conv_tile` less its warps)."""
+    return {"CHANNELS_LAST": channels_last, "BLOCK_T": block_t, "BLOCK_P": block_p, "BLOCK_C": block_c}
+
+
 def _is_channels_last(x: torch.Tensor) -> bool:
     return memory_format(x) == torch.channels_last
+
+
+def _conv_args(weight: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int]) -> tuple[int, ...]:
+    """The kernels' (KH, KW, STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W)."""
+    return weight.shape[2], weight.shape[3], stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1]
 
 
 def _weight_view(weight: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, int, int]:
@@ -548,24 +557,14 @@ def depthwise_conv2d_fwd(
         *y.stride(),
         stride_wc,
         stride_wt,
-        kh,
-        kw,
-        stride[0],
-        stride[1],
-        padding[0],
-        padding[2],
-        dilation[0],
-        dilation[1],
+        *_conv_args(weight, stride, padding, dilation),
         HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None,
         HAS_RESIDUAL=residual is not None,
         ACTIVATION=activation,
         SAVE_Z=save_z,
-        CHANNELS_LAST=channels_last,
-        BLOCK_T=block_t,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
+        **_tile_constexprs(channels_last, block_t, block_p, block_c),
         num_warps=warps,
     )
     return y, z
@@ -643,7 +642,7 @@ def depthwise_conv2d_bwd(
                 if needed:
                     grad.copy_(sums[i])
 
-    conv_args = (kh, kw, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+    conv_args = _conv_args(weight, stride, padding, dilation)
     if need_dx:
         w, stride_wc, stride_wt = _weight_view(weight, channels_last)
         block_t, block_p, block_c, warps = conv_tile(height * width, channels, channels_last)
@@ -663,10 +662,7 @@ def depthwise_conv2d_bwd(
             stride_wt,
             *conv_args,
             STRIDED=tuple(stride) != (1, 1),
-            CHANNELS_LAST=channels_last,
-            BLOCK_T=block_t,
-            BLOCK_P=block_p,
-            BLOCK_C=block_c,
+            **_tile_constexprs(channels_last, block_t, block_p, block_c),
             num_warps=warps,
         )
     if need_dw:
@@ -690,10 +686,7 @@ def depthwise_conv2d_bwd(
             *conv_args,
             triton.cdiv(iterations, splits),
             splits,
-            CHANNELS_LAST=channels_last,
-            BLOCK_T=block_t,
-            BLOCK_P=block_p,
-            BLOCK_C=block_c,
+            **_tile_constexprs(channels_last, block_t, block_p, block_c),
             num_warps=warps,
         )
         dweight.copy_(partials.sum(dim=0).view(weight.shape))
@@ -722,10 +715,6 @@ def _conv_tiles() -> list[tuple[bool, tuple[int, int, int, int]]]:
     return [(False, tile) for tile in NCHW_TILES] + [(True, tile) for tile in CHANNELS_LAST_TILES]
 
 
-def _tile_constexprs(block_t: int, block_p: int, block_c: int) -> dict[str, int]:
-    return {"BLOCK_T": block_t, "BLOCK_P": block_p, "BLOCK_C": block_c}
-
-
 def _fwd_specs(dtype: str) -> list[KernelSpec]:
     ptr = f"*{dtype}"
     signature = {
@@ -738,14 +727,10 @@ def _fwd_specs(dtype: str) -> list[KernelSpec]:
     for channels_last, (block_t, block_p, block_c, warps) in _conv_tiles():
         for activation, epilogue in flag_sets:
             constexprs = {
-                "HAS_BIAS": epilogue,
-                "HAS_SCALE": epilogue,
-                "HAS_SHIFT": epilogue,
-                "HAS_RESIDUAL": epilogue,
+                **dict.fromkeys(("HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "HAS_RESIDUAL"), epilogue),
                 "ACTIVATION": activation,
                 "SAVE_Z": epilogue,
-                "CHANNELS_LAST": channels_last,
-                **_tile_constexprs(block_t, block_p, block_c),
+                **_tile_constexprs(channels_last, block_t, block_p, block_c),
             }
             specs.append(KernelSpec("dwconv_fwd", _dwconv_fwd_kernel, signature, constexprs, warps))
     return specs
@@ -792,11 +777,7 @@ def _input_bwd_specs(dtype: str) -> list[KernelSpec]:
         }
         for channels_last, (block_t, block_p, block_c, warps) in _conv_tiles():
             for strided in (False, True):
-                constexprs = {
-                    "STRIDED": strided,
-                    "CHANNELS_LAST": channels_last,
-                    **_tile_constexprs(block_t, block_p, block_c),
-                }
+                constexprs = {"STRIDED": strided, **_tile_constexprs(channels_last, block_t, block_p, block_c)}
                 specs.append(KernelSpec("dwconv_bwd_input", _dwconv_bwd_input_kernel, signature, constexprs, warps))
     return specs
 
@@ -811,7 +792,7 @@ def _weight_bwd_specs(dtype: str) -> list[KernelSpec]:
             **_i32(("N",) + _CONV_SHAPE_ARGS + _X_STRIDES + _Y_STRIDES + _CONV_ARGS + _SPLIT_ARGS),
         }
         for channels_last, (block_t, block_p, block_c, warps) in _conv_tiles():
-            constexprs = {"CHANNELS_LAST": channels_last, **_tile_constexprs(block_t, block_p, block_c)}
+            constexprs = _tile_constexprs(channels_last, block_t, block_p, block_c)
             specs.append(KernelSpec("dwconv_bwd_weight", _dwconv_bwd_weight_kernel, signature, constexprs, warps))
     return specs
 

@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 import torch
 
+from vitkern.kernels.contract import ATTENTION_BWD_SCHEMA, ATTENTION_FWD_SCHEMA, with_backend
+
 
 def attention(q, k, v, bias, bias_mode, geometry, scale, backend: str, mask=None):
     """Run the checked call on kernel family ``backend`` through the custom op; returns out."""
@@ -27,18 +29,8 @@ def _kernels(backend: str) -> SimpleNamespace:
     return SimpleNamespace(fwd=namespace.attention_fwd, bwd=namespace.attention_bwd)
 
 
-@torch.library.custom_op("vitkern::attention", mutates_args=())
-def _attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    bias_mode: int,
-    geometry: list[int],
-    scale: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("vitkern::attention", mutates_args=(), schema=with_backend(ATTENTION_FWD_SCHEMA))
+def _attention_op(q, k, v, bias, mask, bias_mode, geometry, scale, backend):
     return tuple(_kernels(backend).fwd(q, k, v, bias, mask, bias_mode, geometry, scale))
 
 
@@ -50,22 +42,8 @@ def _(q, k, v, bias, mask, bias_mode, geometry, scale, backend):
     return out, lse
 
 
-@torch.library.custom_op("vitkern::attention_backward", mutates_args=())
-def _attention_backward_op(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    bias: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    bias_mode: int,
-    geometry: list[int],
-    scale: float,
-    bias_grad: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("vitkern::attention_backward", mutates_args=(), schema=with_backend(ATTENTION_BWD_SCHEMA))
+def _attention_backward_op(dout, q, k, v, out, lse, bias, mask, bias_mode, geometry, scale, bias_grad, backend):
     return tuple(_kernels(backend).bwd(dout, q, k, v, out, lse, bias, mask, bias_mode, geometry, scale, bias_grad))
 
 

@@ -10,7 +10,14 @@ from types import SimpleNamespace
 
 import torch
 
-from vitkern.kernels.contract import ACTIVATION_CODES, memory_format, output_size
+from vitkern.kernels.contract import (
+    ACTIVATION_CODES,
+    DEPTHWISE_CONV2D_BWD_SCHEMA,
+    DEPTHWISE_CONV2D_FWD_SCHEMA,
+    memory_format,
+    output_size,
+    with_backend,
+)
 from vitkern._grad import needs_grad
 
 
@@ -47,21 +54,10 @@ def _empty_like_format(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
 
 
-@torch.library.custom_op("vitkern::depthwise_conv2d", mutates_args=())
+@torch.library.custom_op("vitkern::depthwise_conv2d", mutates_args=(), schema=with_backend(DEPTHWISE_CONV2D_FWD_SCHEMA))
 def _depthwise_conv2d_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    scale: torch.Tensor | None,
-    shift: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    activation: int,
-    save_z: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x, weight, bias, scale, shift, residual, stride, padding, dilation, activation, save_z, backend
+):
     return tuple(
         _kernels(backend).fwd(x, weight, bias, scale, shift, residual, stride, padding, dilation, activation, save_z)
     )
@@ -77,20 +73,10 @@ def _(x, weight, bias, scale, shift, residual, stride, padding, dilation, activa
     return y, z
 
 
-@torch.library.custom_op("vitkern::depthwise_conv2d_backward", mutates_args=())
-def _depthwise_conv2d_backward_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    z: torch.Tensor,
-    scale: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    activation: int,
-    output_mask: list[bool],
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "vitkern::depthwise_conv2d_backward", mutates_args=(), schema=with_backend(DEPTHWISE_CONV2D_BWD_SCHEMA)
+)
+def _depthwise_conv2d_backward_op(dy, x, weight, z, scale, stride, padding, dilation, activation, output_mask, backend):
     return tuple(_kernels(backend).bwd(dy, x, weight, z, scale, stride, padding, dilation, activation, output_mask))
 
 
