@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vitkern.kernels._compat import NARROW_TILES
 from vitkern.kernels._specs import REPORT_DTYPES, TRITON_DTYPES, KernelSpec
 from vitkern.kernels.contract import BIAS_DENSE, BIAS_LEVIT, BIAS_MODES, BIAS_REL_POS, MAX_HEAD_DIM
 
@@ -625,15 +626,16 @@ def _fwd_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[s
     """Block sizes and warps of :func:`_attention_fwd_kernel`. A 16 x 16 tile holds a whole short sequence
     (LeViT's 16 tokens), one warp per 32 head columns (16 for fp32); longer sequences take 64 x 64 tiles on 8 warps
     for head dims up to 32 (CoAtNet, Swin, LeViT keys) and 32 x 32 tiles on 4 warps for wider heads. fp32 keeps
-    16 x 16 tiles: its dots run exact ("ieee", on FMA units), which only small tiles afford without spilling."""
+    16 x 16 tiles: its dots run exact ("ieee", on FMA units), which only small tiles afford without spilling. Before
+    triton 3.8 (``_compat.NARROW_TILES``) the long tiles are 32 x 32 on 4 warps, on 8 for 128-wide heads."""
     block = _head_block(d, dv)
     if dtype == torch.float32 or max(nq, nk) <= SHORT_TOKENS:
         columns = FP32_HEAD_COLUMNS_PER_WARP if dtype == torch.float32 else HEAD_COLUMNS_PER_WARP
         tile, warps = MIN_BLOCK, max(1, block // columns)
     elif block <= WIDE_TILE_MAX_HEAD:
-        tile, warps = LONG_TILE, 8
+        tile, warps = (LONG_TILE // 2, 4) if NARROW_TILES else (LONG_TILE, 8)
     else:
-        tile, warps = LONG_TILE // 2, 4
+        tile, warps = LONG_TILE // 2, 8 if NARROW_TILES and block == MAX_HEAD_BLOCK else 4
     return {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
 
 
@@ -641,10 +643,11 @@ def _bwd_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[s
     """Block sizes and warps of :func:`_attention_bwd_dq_kernel` and :func:`_attention_bwd_dkdv_kernel` (the same
     tiles, transposed). The backward holds four score-sized tiles (S, P, dP, dS) and two accumulators: short
     sequences and fp32 take 16 x 16 tiles with one warp per 16 head columns (at least 2), long ones 32 x 32 tiles
-    on 4 warps (8 for 128-wide heads)."""
+    on 4 warps (8 for 128-wide heads). Before triton 3.8 (``_compat.NARROW_TILES``) the short tiles take at least 4
+    warps."""
     block = _head_block(d, dv)
     if dtype == torch.float32 or max(nq, nk) <= SHORT_TOKENS:
-        tile, warps = MIN_BLOCK, max(2, block // BWD_HEAD_COLUMNS_PER_WARP)
+        tile, warps = MIN_BLOCK, max(4 if NARROW_TILES else 2, block // BWD_HEAD_COLUMNS_PER_WARP)
     else:
         tile, warps = LONG_TILE // 2, 4 if block < MAX_HEAD_BLOCK else 8
     return {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
@@ -653,11 +656,12 @@ def _bwd_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[s
 def _table_config(d: int, dv: int) -> dict[str, int]:
     """Block sizes, warps and stages of :func:`_attention_bwd_table_kernel`. One BLOCK_G for every table: the bins
     are folded once per x-block pair, not per tile, so a wide block costs little. No software pipelining: the
-    inner loop's loads are small and the prefetch buffers would spill."""
+    inner loop's loads are small and the prefetch buffers would spill. Before triton 3.8 (``_compat.NARROW_TILES``)
+    heads wider than 32 take 32-wide bin blocks."""
     block = _head_block(d, dv)
     return {
         "BLOCK_X": TABLE_BLOCK_X,
-        "BLOCK_G": TABLE_BLOCK_G,
+        "BLOCK_G": TABLE_BLOCK_G // 2 if NARROW_TILES and block > TABLE_NARROW_HEAD else TABLE_BLOCK_G,
         "BLOCK_D": block,
         "BLOCK_DV": block,
         "num_warps": 4 if block <= TABLE_NARROW_HEAD else 8,

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vitkern.kernels._compat import NARROW_TILES
 from vitkern.kernels._specs import REPORT_DTYPES, TRITON_DTYPES, KernelSpec
 from vitkern.kernels.contract import ACTIVATION_CODES, memory_format, output_size
 
@@ -44,7 +45,7 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 NCHW_TILES = ((16, 64, 1, 2), (16, 128, 1, 4))
 CHANNELS_LAST_TILES = ((8, 16, 16, 4), (16, 4, 32, 4))
 # (BLOCK_P, BLOCK_C, num_warps) of the epilogue backward, by layout.
-EPILOGUE_BWD_TILE = {False: (256, 1, 4), True: (32, 32, 4)}
+EPILOGUE_BWD_TILE = {False: (256, 1, 4), True: (16, 32, 4) if NARROW_TILES else (32, 32, 4)}
 # The reductions split the (image, pixel block) range until the grid has about TARGET_PROGRAMS programs, keeping
 # at least MIN_SPLIT_ITERATIONS iterations per split.
 TARGET_PROGRAMS = 1024

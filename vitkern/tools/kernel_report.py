@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of every vitkern GPU kernel for sm_80 and sm_90, without a GPU.
 
-``python -m vitkern.tools.kernel_report [--arch 80,90] [--filter SUBSTR] [--jobs N] [--json PATH]
+``python -m vitkern.tools.kernel_report [--arch 80,90] [--filter SUBSTR[|SUBSTR...]] [--jobs N] [--json PATH]
 [--module MODULE ...] [--no-cuda]``
 
 Triton kernels: every :class:`~vitkern.kernels._specs.KernelSpec` that a module of :data:`KERNEL_MODULES` lists in
@@ -263,10 +263,16 @@ def module_specs(module: str) -> tuple[KernelSpec, ...]:
     return specs
 
 
+def matches(label: str, name_filter: str | None) -> bool:
+    """Whether ``label`` contains ``name_filter`` or, for ``a|b|c``, one of its alternatives (None: every label)."""
+    return name_filter is None or any(part in label for part in name_filter.split("|"))
+
+
 def load_specs(
     modules: Iterable[str], name_filter: str | None = None
 ) -> tuple[list[tuple[str, int, KernelSpec]], list[str]]:
-    """(module, index, spec) of every spec whose name or config contains ``name_filter``, and the modules' failures."""
+    """(module, index, spec) of every spec whose name or config :func:`matches` ``name_filter``, and the modules'
+    failures."""
     selected, failures = [], []
     for module in modules:
         try:
@@ -275,7 +281,7 @@ def load_specs(
             failures.append(f"{module}: cannot read its kernel specs ({type(exc).__name__}: {exc})")
             continue
         for index, spec in enumerate(specs):
-            if name_filter is None or name_filter in spec_label(spec):
+            if matches(spec_label(spec), name_filter):
                 selected.append((module, index, spec))
     return selected, failures
 
@@ -389,7 +395,7 @@ def cuda_report(
     rows, seen = [], set()
     for (arch, _, fields), name in zip(usage, names):
         key = (arch, name, tuple(sorted(fields.items())))
-        if arch not in archs or key in seen or (name_filter is not None and name_filter not in name):
+        if arch not in archs or key in seen or not matches(name, name_filter):
             continue
         seen.add(key)
         rows.append(
@@ -550,7 +556,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Registers, spills and shared memory of every vitkern GPU kernel, compiled without a GPU.",
     )
     parser.add_argument("--arch", type=_archs, default=DEFAULT_ARCHS, help="target archs, e.g. 80,90 (default)")
-    parser.add_argument("--filter", help="only kernels whose name or config contains this substring")
+    parser.add_argument("--filter", help="only kernels whose name or config contains this substring (or one of a|b|c)")
     add_jobs_argument(parser)
     parser.add_argument("--json", type=Path, help="also write the rows and failures to this JSON file")
     parser.add_argument(
