@@ -831,45 +831,58 @@ __device__ __forceinline__ void dweight_runs(const GradSource<scalar_t, acc_t>& 
           const int run = (s / cb) % runs;
           const int i = s / cb / runs;
           const acc_t* x_unit = x_tile + (i * cols + run * kRun) * cb + cl;
-          VITKERN_NO_UNROLL
-          for (int job = replica; job < jobs; job += replicas) {
-            const int py = job / segments;
-            const int px0 = (job % segments) * seg_groups * kRun;
-            const int px1 = min(t.tw, px0 + seg_groups * kRun);
-            const acc_t* xp = x_unit + (py * cols + px0) * cb;
-            const acc_t* dp = grad_tile + (py * t.tw + px0) * cb + cl;
-            // win[(q + e) % kRun] holds x at pixel column px + q + e, for the q-th pixel of a group at px.
-            acc_t win[kRun];
-            VITKERN_UNROLL
-            for (int e = 0; e + 1 < kRun; ++e) {
-              win[e] = xp[e * cb];
-            }
-            // One group of kRun pixels; the ring is back where it started after it.
-            auto group = [&] {
+          // The jobs of this unit, with the pixel stride of the tiles (cb) as kStride when that is not 0, so that
+          // the loop's shared-memory reads take constant offsets.
+          auto walk = [&](auto stride_constant) {
+            constexpr int kStride = decltype(stride_constant)::value;
+            const int stride = kStride > 0 ? kStride : cb;
+            VITKERN_NO_UNROLL
+            for (int job = replica; job < jobs; job += replicas) {
+              const int py = job / segments;
+              const int px0 = (job % segments) * seg_groups * kRun;
+              const int px1 = min(t.tw, px0 + seg_groups * kRun);
+              const acc_t* xp = x_unit + (py * cols + px0) * stride;
+              const acc_t* dp = grad_tile + (py * t.tw + px0) * stride + cl;
+              // win[(q + e) % kRun] holds x at pixel column px + q + e, for the q-th pixel of a group at px.
+              acc_t win[kRun];
               VITKERN_UNROLL
-              for (int q = 0; q < kRun; ++q) {
-                win[(q + kRun - 1) % kRun] = xp[(q + kRun - 1) * cb];
-                const acc_t d = dp[q * cb];
+              for (int e = 0; e + 1 < kRun; ++e) {
+                win[e] = xp[e * stride];
+              }
+              // One group of kRun pixels; the ring is back where it started after it.
+              auto group = [&] {
                 VITKERN_UNROLL
-                for (int e = 0; e < kRun; ++e) {
-                  acc[u][e] += d * win[(q + e) % kRun];
+                for (int q = 0; q < kRun; ++q) {
+                  win[(q + kRun - 1) % kRun] = xp[(q + kRun - 1) * stride];
+                  const acc_t d = dp[q * stride];
+                  VITKERN_UNROLL
+                  for (int e = 0; e < kRun; ++e) {
+                    acc[u][e] += d * win[(q + e) % kRun];
+                  }
+                }
+                xp += kRun * stride;
+                dp += kRun * stride;
+              };
+              int px = px0;
+              if constexpr (kPairs) {
+                VITKERN_NO_UNROLL
+                for (; px + 2 * kRun <= px1; px += 2 * kRun) {
+                  group();
+                  group();
                 }
               }
-              xp += kRun * cb;
-              dp += kRun * cb;
-            };
-            int px = px0;
-            if constexpr (kPairs) {
               VITKERN_NO_UNROLL
-              for (; px + 2 * kRun <= px1; px += 2 * kRun) {
-                group();
+              for (; px < px1; px += kRun) {
                 group();
               }
             }
-            VITKERN_NO_UNROLL
-            for (; px < px1; px += kRun) {
-              group();
-            }
+          };
+          if (cb == 1) {
+            walk(std::integral_constant<int, 1>{});
+          } else if (cb == kMaxChannelBlock) {
+            walk(std::integral_constant<int, kMaxChannelBlock>{});
+          } else {
+            walk(std::integral_constant<int, 0>{});
           }
         }
       }
