@@ -23,7 +23,9 @@
 //            loads the dz tile and the x tile with its halo into shared memory once per item and accumulates every
 //            tap of its chunk from there, so x and dy are read once per tap chunk, not once per tap. Per-block
 //            results go to partials[C, G, taps], which reduce_partials sums in a fixed order: deterministic, no
-//            atomics. The same blocks also produce the per-channel sums for dbias, dscale and dshift.
+//            atomics. The same blocks also produce the per-channel sums for dbias, dscale and dshift. At stride 1
+//            and dilation 1 a thread owns one channel and a run of consecutive taps of one tap row, and walks the
+//            pixels with a register window of x, so each value read from shared memory feeds a run of FMAs.
 #pragma once
 
 #include <algorithm>
@@ -633,8 +635,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // dweight partials and the epilogue sums, any stride and dilation. grid (G, ceil(C / cb), tap chunks), block
-// kThreads, shared: the dz tile then the x tile of one tap chunk. Block (g, cblock, chunk) handles items [g * per_block, (g + 1) *
-// per_block) of the N * tiles_h * tiles_w (batch, output tile) items.
+// kThreads, shared: the dz tile then the x tile of one tap chunk. Block (g, cblock, chunk) handles items
+// [g * per_block, (g + 1) * per_block) of the N * tiles_h * tiles_w (batch, output tile) items.
 // partial_w: (C, G, kh * kw); partial_sums: (C, G, kEpilogueSums), written by the chunk-0 blocks; either null
 // when not needed.
 template <typename scalar_t, typename acc_t>
@@ -1364,10 +1366,11 @@ inline int64_t dweight_run_shared_floats(const Tiling& t, const Geometry& g, int
   return std::max<int64_t>(tiles, static_cast<int64_t>(kThreads) * (run + kEpilogueSums));
 }
 
-// The stride-1 tiling for runs of `run` taps. Scored by the share of busy threads (units a multiple or a divisor
-// of kThreads, at most kDweightUnits units a thread) over the cost of extra tap-row chunks (each reads dz and x
-// again) and of smaller channel blocks, over the largest channel blocks and every chunk height; the tile as wide as the forward's (a multiple
-// of run) and as tall as shared memory allows. False when nothing fits.
+// The stride-1 tiling for runs of `run` taps, the best scored over the largest channel blocks and every chunk
+// height: the share of busy threads (units a multiple or a divisor of kThreads, at most kDweightUnits units a
+// thread) over the cost of extra tap-row chunks (each reads dz and x again) and of smaller channel blocks. The
+// tile is as wide as the forward's (a multiple of run) and as tall as shared memory allows. False when nothing
+// fits.
 inline bool dweight_run_tiling(const Geometry& g, const Strides& sx, int run, Tiling& best) {
   const int runs = (g.kw + run - 1) / run;
   const int cb_max = channels_last(sx, g) ? static_cast<int>(std::min<int64_t>(kMaxChannelBlock, pow2_ceil(g.c))) : 1;
@@ -1391,9 +1394,9 @@ inline bool dweight_run_tiling(const Geometry& g, const Strides& sx, int run, Ti
       t.cb = cb;
       t.rc = rc;
       t.cc = g.kw;
-      const int width = static_cast<int>(std::min<int64_t>(g.ow, cb > 1 ? 8 : 32));
+      const int width = static_cast<int>(std::clamp<int64_t>(g.ow, 1, cb > 1 ? 8 : 32));
       t.tw = (width + run - 1) / run * run;
-      t.th = static_cast<int>(std::min<int64_t>(g.oh, std::max(1, 4 * kMaxTileOutputs / cb / t.tw)));
+      t.th = static_cast<int>(std::clamp<int64_t>(g.oh, 1, std::max(1, 4 * kMaxTileOutputs / cb / t.tw)));
       while (t.th > 1 && dweight_run_shared_floats(t, g, run) * sizeof(float) > kSharedBudget) {
         --t.th;
       }

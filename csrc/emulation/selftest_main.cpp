@@ -428,6 +428,8 @@ bool run_conv() {
       {1, 2, 33, 35, 31, 31, 1, 1, 1, 1, 15, 15, 15, 15, false, dw::kRelu, true},
       {2, 6, 9, 9, 11, 5, 1, 1, 1, 1, 5, 5, 2, 2, true, dw::kNone, false},
       {1, 3, 70, 66, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false, dw::kGelu, true},
+      {2, 4, 7, 8, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, true, dw::kRelu, true},
+      {2, 3, 8, 9, 2, 2, 1, 1, 1, 1, 1, 0, 0, 1, false, dw::kGelu, true},
   };
   std::mt19937 rng(1234);
   bool ok = true;
