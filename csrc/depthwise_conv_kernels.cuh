@@ -23,7 +23,9 @@
 //            loads the dz tile and the x tile with its halo into shared memory once per item and accumulates every
 //            tap of its chunk from there, so x and dy are read once per tap chunk, not once per tap. Per-block
 //            results go to partials[C, G, taps], which reduce_partials sums in a fixed order: deterministic, no
-//            atomics. The same blocks also produce the per-channel sums for dbias, dscale and dshift.
+//            atomics. The same blocks also produce the per-channel sums for dbias, dscale and dshift. At stride 1
+//            and dilation 1 a thread owns one channel and a run of consecutive taps of one tap row, and walks the
+//            pixels with a register window of x, so each value read from shared memory feeds a run of FMAs.
 #pragma once
 
 #include <algorithm>
@@ -42,6 +44,7 @@ constexpr int kOutputsPerThread = 4;                            // forward and d
 constexpr int kMaxTileOutputs = kThreads * kOutputsPerThread;  // th * tw * cb
 constexpr int kAccPerThread = 16;                               // dweight accumulators per thread
 constexpr int kMaxTapSlots = kThreads * kAccPerThread;          // taps of a chunk x cb
+constexpr int kDweightUnits = 2;                                // dweight runs: units per thread
 constexpr int kMaxChannelBlock = 32;
 constexpr int kEpilogueSums = 3;                                // dbias, dscale, dshift
 constexpr std::size_t kSharedBudget = 48 * 1024;
@@ -631,17 +634,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dweight partials and the epilogue sums. grid (G, ceil(C / cb), tap chunks), block kThreads, shared: the dz
-// tile then the x tile of one tap chunk. Block (g, cblock, chunk) handles items [g * per_block, (g + 1) *
-// per_block) of the N * tiles_h * tiles_w (batch, output tile) items.
+// dweight partials and the epilogue sums, any stride and dilation. grid (G, ceil(C / cb), tap chunks), block
+// kThreads, shared: the dz tile then the x tile of one tap chunk. Block (g, cblock, chunk) handles items
+// [g * per_block, (g + 1) * per_block) of the N * tiles_h * tiles_w (batch, output tile) items.
 // partial_w: (C, G, kh * kw); partial_sums: (C, G, kEpilogueSums), written by the chunk-0 blocks; either null
-// when not needed. The launch bounds require only one resident block per SM, which lets ptxas keep the
-// kAccPerThread accumulators in registers instead of spilling them.
+// when not needed.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, 1)
-    depthwise_conv2d_dweight_kernel(GradSource<scalar_t, acc_t> grad, const scalar_t* __restrict__ x,
-                                    acc_t* __restrict__ partial_w, acc_t* __restrict__ partial_sums, Geometry g,
-                                    Strides sx, Strides sy, Tiling t, int per_block) {
+__device__ __forceinline__ void dweight_generic(const GradSource<scalar_t, acc_t>& grad,
+                                                const scalar_t* __restrict__ x, acc_t* __restrict__ partial_w,
+                                                acc_t* __restrict__ partial_sums, const Geometry& g,
+                                                const Strides& sx, const Strides& sy, const Tiling& t,
+                                                int per_block) {
   VITKERN_DYNAMIC_SHARED(acc_t, smem);
   const int tid = threadIdx.x;
   const int blocks_g = gridDim.x;
@@ -749,6 +752,208 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       partial_sums[((c0 + tid) * blocks_g + blockIdx.x) * kEpilogueSums + j] = total;
     }
+  }
+}
+
+// dweight at stride 1 and dilation 1, in runs of kRun consecutive taps of one tap row. Taps are chunked by rows
+// only (t.cc == kw); a tap row is covered by ceil(kw / kRun) runs, the taps of the last run past kw computed on
+// the x tile's extra columns and dropped. A unit is (tap row, run, channel), channel fastest; a thread owns up to
+// kDweightUnits units, with kRun accumulators each. With fewer units than threads, `replicas` threads share a unit,
+// each taking its own jobs: a job is one tile row's segment of whole kRun-pixel groups (t.tw is a multiple of
+// kRun). A job walks its pixels keeping the kRun x values the run needs in a register window (a ring indexed at
+// compile time, the pixel loop unrolled by kRun, or by 2 * kRun for short runs), so each dz and x value read from
+// shared memory feeds kRun FMAs.
+// Shared: the dz tile (th x tw x cb), then the x tile (th + rc - 1 rows of tw + runs * kRun - 1 columns).
+template <typename scalar_t, typename acc_t, int kRun>
+__device__ __forceinline__ void dweight_runs(const GradSource<scalar_t, acc_t>& grad, const scalar_t* __restrict__ x,
+                                             acc_t* __restrict__ partial_w, acc_t* __restrict__ partial_sums,
+                                             const Geometry& g, const Strides& sx, const Strides& sy,
+                                             const Tiling& t, int per_block) {
+  VITKERN_DYNAMIC_SHARED(acc_t, smem);
+  const int tid = threadIdx.x;
+  const int blocks_g = gridDim.x;
+  const int cb = t.cb;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * cb;
+  const int r0 = static_cast<int>(blockIdx.z) * t.rc;
+  const int rc = min(t.rc, g.kh - r0);
+  const int runs = (g.kw + kRun - 1) / kRun;
+  const int rows = t.th + rc - 1;
+  const int cols = t.tw + runs * kRun - 1;
+  acc_t* grad_tile = smem;
+  acc_t* x_tile = smem + t.th * t.tw * cb;
+
+  const int units = rc * runs * cb;
+  const int replicas = units >= kThreads ? 1 : kThreads / units;
+  const int replica = units >= kThreads ? 0 : tid / units;
+  const int first_unit = units >= kThreads ? tid : tid % units;
+  const bool active = replica < replicas;
+  // Jobs: th rows times `segments` segments of seg_groups kRun-pixel groups, enough for the replicas.
+  const int groups_w = t.tw / kRun;
+  const int wanted_segments = min(groups_w, (replicas + t.th - 1) / t.th);
+  const int seg_groups = (groups_w + wanted_segments - 1) / wanted_segments;
+  const int segments = (groups_w + seg_groups - 1) / seg_groups;
+  const int jobs = t.th * segments;
+  const bool want_w = partial_w != nullptr;
+  const bool want_sums = partial_sums != nullptr && blockIdx.z == 0;
+  // Short runs walk their pixels two groups an iteration, so the loop's own instructions weigh less.
+  constexpr bool kPairs = kRun <= 5;
+
+  acc_t acc[kDweightUnits][kRun];
+  VITKERN_UNROLL
+  for (int u = 0; u < kDweightUnits; ++u) {
+    VITKERN_UNROLL
+    for (int e = 0; e < kRun; ++e) {
+      acc[u][e] = acc_t(0);
+    }
+  }
+  acc_t sums[kEpilogueSums] = {acc_t(0), acc_t(0), acc_t(0)};
+
+  const int tiles = t.tiles_h * t.tiles_w;
+  const int items = static_cast<int>(g.n) * tiles;
+  const int item_end = min(items, static_cast<int>(blockIdx.x + 1) * per_block);
+  for (int item = static_cast<int>(blockIdx.x) * per_block; item < item_end; ++item) {
+    const int64_t n = item / tiles;
+    const int tile = item % tiles;
+    const int oh0 = (tile / t.tiles_w) * t.th;
+    const int ow0 = (tile % t.tiles_w) * t.tw;
+    __syncthreads();
+    load_grad_tile<scalar_t, acc_t>(grad_tile, grad, g, sy, n, c0, cb, oh0, ow0, t.th, t.tw,
+                                    want_sums ? sums : nullptr);
+    if (want_w) {
+      load_input_tile(x_tile, x, g, sx, n, c0, cb, oh0 - g.pad_top + r0, ow0 - g.pad_left, rows, cols,
+                      t.load_mode);
+    }
+    __syncthreads();
+    if (want_w && active) {
+      VITKERN_UNROLL
+      for (int u = 0; u < kDweightUnits; ++u) {
+        const int s = first_unit + u * kThreads;
+        if (s < units) {
+          const int cl = s % cb;
+          const int run = (s / cb) % runs;
+          const int i = s / cb / runs;
+          const acc_t* x_unit = x_tile + (i * cols + run * kRun) * cb + cl;
+          // The jobs of this unit, with the pixel stride of the tiles (cb) as kStride when that is not 0, so that
+          // the loop's shared-memory reads take constant offsets.
+          auto walk = [&](auto stride_constant) {
+            constexpr int kStride = decltype(stride_constant)::value;
+            const int stride = kStride > 0 ? kStride : cb;
+            VITKERN_NO_UNROLL
+            for (int job = replica; job < jobs; job += replicas) {
+              const int py = job / segments;
+              const int px0 = (job % segments) * seg_groups * kRun;
+              const int px1 = min(t.tw, px0 + seg_groups * kRun);
+              const acc_t* xp = x_unit + (py * cols + px0) * stride;
+              const acc_t* dp = grad_tile + (py * t.tw + px0) * stride + cl;
+              // win[(q + e) % kRun] holds x at pixel column px + q + e, for the q-th pixel of a group at px.
+              acc_t win[kRun];
+              VITKERN_UNROLL
+              for (int e = 0; e + 1 < kRun; ++e) {
+                win[e] = xp[e * stride];
+              }
+              // One group of kRun pixels; the ring is back where it started after it.
+              auto group = [&] {
+                VITKERN_UNROLL
+                for (int q = 0; q < kRun; ++q) {
+                  win[(q + kRun - 1) % kRun] = xp[(q + kRun - 1) * stride];
+                  const acc_t d = dp[q * stride];
+                  VITKERN_UNROLL
+                  for (int e = 0; e < kRun; ++e) {
+                    acc[u][e] += d * win[(q + e) % kRun];
+                  }
+                }
+                xp += kRun * stride;
+                dp += kRun * stride;
+              };
+              int px = px0;
+              if constexpr (kPairs) {
+                VITKERN_NO_UNROLL
+                for (; px + 2 * kRun <= px1; px += 2 * kRun) {
+                  group();
+                  group();
+                }
+              }
+              VITKERN_NO_UNROLL
+              for (; px < px1; px += kRun) {
+                group();
+              }
+            }
+          };
+          if (cb == 1) {
+            walk(std::integral_constant<int, 1>{});
+          } else if (cb == kMaxChannelBlock) {
+            walk(std::integral_constant<int, kMaxChannelBlock>{});
+          } else {
+            walk(std::integral_constant<int, 0>{});
+          }
+        }
+      }
+    }
+  }
+
+  // Fixed-order reductions through shared memory: replicas of a unit, then the threads of a channel.
+  acc_t* red_w = smem;
+  acc_t* red_sums = smem + kThreads * kRun;
+  __syncthreads();
+  if (want_w && replicas > 1 && active) {
+    VITKERN_UNROLL
+    for (int e = 0; e < kRun; ++e) {
+      red_w[(first_unit * kRun + e) * replicas + replica] = acc[0][e];
+    }
+  }
+  for (int j = 0; j < kEpilogueSums; ++j) {
+    red_sums[j * kThreads + tid] = sums[j];
+  }
+  __syncthreads();
+  const int taps = g.kh * g.kw;
+  if (want_w && replica == 0) {
+    VITKERN_UNROLL
+    for (int u = 0; u < kDweightUnits; ++u) {
+      const int s = first_unit + u * kThreads;
+      if (s < units) {
+        const int64_t c = c0 + s % cb;
+        const int run = (s / cb) % runs;
+        const int i = s / cb / runs;
+        VITKERN_UNROLL
+        for (int e = 0; e < kRun; ++e) {
+          acc_t total = acc[u][e];
+          if (replicas > 1) {
+            total = acc_t(0);
+            for (int r = 0; r < replicas; ++r) {
+              total += red_w[(s * kRun + e) * replicas + r];
+            }
+          }
+          const int j = run * kRun + e;
+          if (c < g.c && j < g.kw) {
+            partial_w[(c * blocks_g + blockIdx.x) * taps + (r0 + i) * g.kw + j] = total;
+          }
+        }
+      }
+    }
+  }
+  if (want_sums && tid < cb && c0 + tid < g.c) {
+    for (int j = 0; j < kEpilogueSums; ++j) {
+      acc_t total = acc_t(0);
+      for (int u = tid; u < kThreads; u += cb) {
+        total += red_sums[j * kThreads + u];
+      }
+      partial_sums[((c0 + tid) * blocks_g + blockIdx.x) * kEpilogueSums + j] = total;
+    }
+  }
+}
+
+// dweight partials and the epilogue sums: dweight_runs for kRun > 0 (stride 1, dilation 1), dweight_generic for
+// kRun == 0. grid (G, ceil(C / cb), tap chunks), block kThreads; arguments as for dweight_generic. The launch
+// bounds require only one resident block per SM, which lets ptxas keep the accumulators in registers.
+template <typename scalar_t, typename acc_t, int kRun>
+__global__ void __launch_bounds__(kThreads, 1)
+    depthwise_conv2d_dweight_kernel(GradSource<scalar_t, acc_t> grad, const scalar_t* __restrict__ x,
+                                    acc_t* __restrict__ partial_w, acc_t* __restrict__ partial_sums, Geometry g,
+                                    Strides sx, Strides sy, Tiling t, int per_block) {
+  if constexpr (kRun > 0) {
+    dweight_runs<scalar_t, acc_t, kRun>(grad, x, partial_w, partial_sums, g, sx, sy, t, per_block);
+  } else {
+    dweight_generic<scalar_t, acc_t>(grad, x, partial_w, partial_sums, g, sx, sy, t, per_block);
   }
 }
 
@@ -1125,6 +1330,7 @@ void launch_dx(const GradSource<scalar_t, acc_t>& grad, const scalar_t* weight, 
 // fits() says whether this shape allows that.
 struct DweightPlan {
   Tiling tiling;
+  int run;  // taps per run of the stride-1 kernel (one of DweightRuns), 0 for the generic kernel
   int blocks_g;
   int chunks;
   int per_block;
@@ -1135,8 +1341,98 @@ struct DweightPlan {
   }
 };
 
+// The run lengths of the stride-1 dweight kernel.
+using DweightRuns = KernelSizes<3, 5, 7, 8, 9>;
+
+template <int... Rs>
+int best_run(int kw, KernelSizes<Rs...>) {
+  // Each run of R taps costs about R FMAs and 3 other instructions per pixel: the fewest in all.
+  int best = 0;
+  int64_t best_cost = INT64_MAX;
+  for (int r : {Rs...}) {
+    const int64_t cost = static_cast<int64_t>((kw + r - 1) / r) * (r + 3);
+    if (cost < best_cost || (cost == best_cost && r > best)) {
+      best = r;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+inline int64_t dweight_run_shared_floats(const Tiling& t, const Geometry& g, int run) {
+  const int runs = (g.kw + run - 1) / run;
+  const int64_t tiles = static_cast<int64_t>(t.th) * t.tw * t.cb +
+                        static_cast<int64_t>(t.th + t.rc - 1) * (t.tw + runs * run - 1) * t.cb;
+  return std::max<int64_t>(tiles, static_cast<int64_t>(kThreads) * (run + kEpilogueSums));
+}
+
+// The stride-1 tiling for runs of `run` taps, the best scored over the largest channel blocks and every chunk
+// height: the share of busy threads (units a multiple or a divisor of kThreads, at most kDweightUnits units a
+// thread) over the cost of extra tap-row chunks (each reads dz and x again) and of smaller channel blocks. The
+// tile is as wide as the forward's (a multiple of run) and as tall as shared memory allows. False when nothing
+// fits.
+inline bool dweight_run_tiling(const Geometry& g, const Strides& sx, int run, Tiling& best) {
+  const int runs = (g.kw + run - 1) / run;
+  const int cb_max = channels_last(sx, g) ? static_cast<int>(std::min<int64_t>(kMaxChannelBlock, pow2_ceil(g.c))) : 1;
+  double best_score = -1.0;
+  for (int cb = cb_max; cb >= std::max(1, cb_max / 4); cb /= 2) {
+    for (int rc = g.kh; rc >= 1; --rc) {
+      const int units = rc * runs * cb;
+      if (units > kDweightUnits * kThreads) {
+        continue;
+      }
+      const int per = (units + kThreads - 1) / kThreads;
+      const double busy = units >= kThreads ? static_cast<double>(units) / (per * kThreads)
+                                            : static_cast<double>(kThreads / units * units) / kThreads;
+      const int chunks = (g.kh + rc - 1) / rc;
+      // Smaller channel blocks read global memory in shorter pieces (and share a warp between tap rows).
+      const double score = busy / (1.0 + 0.5 * (chunks - 1)) * std::sqrt(static_cast<double>(cb) / cb_max);
+      if (score <= best_score) {
+        continue;
+      }
+      Tiling t{};
+      t.cb = cb;
+      t.rc = rc;
+      t.cc = g.kw;
+      const int width = static_cast<int>(std::clamp<int64_t>(g.ow, 1, cb > 1 ? 8 : 32));
+      t.tw = (width + run - 1) / run * run;
+      t.th = static_cast<int>(std::clamp<int64_t>(g.oh, 1, std::max(1, 4 * kMaxTileOutputs / cb / t.tw)));
+      while (t.th > 1 && dweight_run_shared_floats(t, g, run) * sizeof(float) > kSharedBudget) {
+        --t.th;
+      }
+      while (t.tw > run && dweight_run_shared_floats(t, g, run) * sizeof(float) > kSharedBudget) {
+        t.tw -= run;
+      }
+      if (dweight_run_shared_floats(t, g, run) * sizeof(float) > kSharedBudget) {
+        continue;
+      }
+      best = t;
+      best_score = score;
+    }
+  }
+  return best_score >= 0.0;
+}
+
 template <typename scalar_t, typename acc_t>
 DweightPlan plan_dweight(const Geometry& g, const Strides& sx, bool aligned) {
+  DweightPlan plan{};
+  if (g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && sizeof(acc_t) == sizeof(float) && g.ow <= INT32_MAX / 2) {
+    const int run = best_run(g.kw, DweightRuns{});
+    Tiling t{};
+    if (dweight_run_tiling(g, sx, run, t)) {
+      finish_tiling(t, g.oh, g.ow, sx, g, Vector16<scalar_t>::kSize, aligned);
+      plan.tiling = t;
+      plan.run = run;
+      plan.chunks = (g.kh + t.rc - 1) / t.rc;
+      plan.items = g.n * t.tiles_h * t.tiles_w;
+      const int64_t other_blocks = ((g.c + t.cb - 1) / t.cb) * plan.chunks;
+      const int64_t wanted =
+          std::min(plan.items, std::max<int64_t>(1, (kTargetBlocks + other_blocks - 1) / other_blocks));
+      plan.per_block = static_cast<int>((plan.items + wanted - 1) / wanted);
+      plan.blocks_g = static_cast<int>((plan.items + plan.per_block - 1) / plan.per_block);
+      return plan;
+    }
+  }
   const int taps = g.kh * g.kw;
   int cb = channels_last(sx, g) ? static_cast<int>(std::min<int64_t>(kMaxChannelBlock, pow2_ceil(g.c))) : 1;
   while (cb > 1 && taps * cb > kMaxTapSlots) {
@@ -1154,7 +1450,6 @@ DweightPlan plan_dweight(const Geometry& g, const Strides& sx, bool aligned) {
   }
   fit_shared(t, g, sizeof(acc_t), [&](const Tiling& u) { return dweight_shared_floats(u, g); });
   finish_tiling(t, g.oh, g.ow, sx, g, Vector16<scalar_t>::kSize, aligned);
-  DweightPlan plan{};
   plan.tiling = t;
   plan.chunks = ((g.kh + t.rc - 1) / t.rc) * ((g.kw + t.cc - 1) / t.cc);
   plan.items = g.n * t.tiles_h * t.tiles_w;
@@ -1163,6 +1458,16 @@ DweightPlan plan_dweight(const Geometry& g, const Strides& sx, bool aligned) {
   plan.per_block = static_cast<int>((plan.items + wanted - 1) / wanted);
   plan.blocks_g = static_cast<int>((plan.items + plan.per_block - 1) / plan.per_block);
   return plan;
+}
+
+// fn(std::integral_constant<int, R>) for R == run, one of Rs.
+template <int R, int... Rs, typename Fn>
+void with_dweight_run(int run, KernelSizes<R, Rs...>, Fn&& fn) {
+  if (run == R) {
+    fn(std::integral_constant<int, R>{});
+  } else if constexpr (sizeof...(Rs) > 0) {
+    with_dweight_run(run, KernelSizes<Rs...>{}, fn);
+  }
 }
 
 // The launches of a weight-gradient pass, in order: the dweight kernel, then reduce_partials for the weight
@@ -1174,10 +1479,23 @@ void dweight_launches(const DweightPlan& plan, const Geometry& g, const GradSour
                       const Strides& sx, const Strides& sy, bool want_w, bool want_sums, Fn&& fn) {
   const Tiling& t = plan.tiling;
   const dim3 grid(plan.blocks_g, static_cast<unsigned int>((g.c + t.cb - 1) / t.cb), want_w ? plan.chunks : 1);
-  constexpr auto kernel = depthwise_conv2d_dweight_kernel<scalar_t, acc_t>;
-  fn(kernel, [&] { return kernel_name("depthwise_conv2d_dweight_kernel", type_args<scalar_t, acc_t>(), kernel); },
-     grid, dim3(kThreads), dweight_shared_floats(t, g) * sizeof(acc_t), grad, x, partial_w, partial_sums, g, sx, sy,
-     t, plan.per_block);
+  auto main_kernel = [&](auto kernel, int run) {
+    const std::size_t shared_floats = run > 0 ? dweight_run_shared_floats(t, g, run) : dweight_shared_floats(t, g);
+    fn(kernel,
+       [&] {
+         return kernel_name("depthwise_conv2d_dweight_kernel",
+                            type_args<scalar_t, acc_t>() + ", " + std::to_string(run), kernel);
+       },
+       grid, dim3(kThreads), shared_floats * sizeof(acc_t), grad, x, partial_w, partial_sums, g, sx, sy, t,
+       plan.per_block);
+  };
+  if (plan.run == 0) {
+    main_kernel(depthwise_conv2d_dweight_kernel<scalar_t, acc_t, 0>, 0);
+  } else {
+    with_dweight_run(plan.run, DweightRuns{}, [&](auto run) {
+      main_kernel(depthwise_conv2d_dweight_kernel<scalar_t, acc_t, decltype(run)::value>, decltype(run)::value);
+    });
+  }
   constexpr auto reduce = reduce_partials_kernel<acc_t>;
   auto reduce_name = [&] { return kernel_name("reduce_partials_kernel", Spelling<acc_t>::get(), reduce); };
   const int taps = g.kh * g.kw;

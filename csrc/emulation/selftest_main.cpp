@@ -377,6 +377,27 @@ bool run_kernel_choice() {
   return ok;
 }
 
+// Which dweight kernel the plan picks: runs of taps at stride 1 and dilation 1, the generic kernel otherwise.
+bool run_dweight_choice() {
+  auto run = [](int c, int h, int w, int kh, int kw, int stride, int dilation, bool channels_last) {
+    dw::Geometry g{};
+    g.n = 2, g.c = c, g.h = h, g.w = w, g.kh = kh, g.kw = kw, g.sh = stride, g.sw = stride, g.dh = dilation,
+    g.dw = dilation, g.pad_top = kh / 2, g.pad_left = kw / 2;
+    g.oh = (h + 2 * (kh / 2) - dilation * (kh - 1) - 1) / stride + 1;
+    g.ow = (w + 2 * (kw / 2) - dilation * (kw - 1) - 1) / stride + 1;
+    return dw::plan_dweight<float, float>(g, strides_of(2, c, h, w, channels_last), true).run;
+  };
+  bool ok = true;
+  ok &= report(run(1536, 32, 32, 9, 9, 1, 1, true) == 9, "dweight 9x9 channels_last: runs of 9 taps");
+  ok &= report(run(192, 28, 28, 7, 7, 1, 1, false) == 7, "dweight 7x7 NCHW: runs of 7 taps");
+  ok &= report(run(64, 56, 56, 3, 3, 1, 1, true) == 3, "dweight 3x3 channels_last: runs of 3 taps");
+  ok &= report(run(8, 40, 40, 31, 31, 1, 1, true) == 8, "dweight 31x31: runs of 8 taps");
+  ok &= report(run(8, 20, 20, 13, 13, 1, 1, false) == 7, "dweight 13x13: runs of 7 taps");
+  ok &= report(run(5, 10, 7, 7, 7, 2, 1, true) == 0, "dweight 7x7 stride 2: generic kernel");
+  ok &= report(run(2, 12, 13, 5, 5, 1, 2, false) == 0, "dweight 5x5 dilation 2: generic kernel");
+  return ok;
+}
+
 bool run_conv() {
   const Case cases[] = {
       // n  c   h   w  kh  kw sh sw dh dw top bot left right  cl    act        epilogue
@@ -395,13 +416,27 @@ bool run_conv() {
       {1, 3, 21, 37, 31, 31, 1, 1, 1, 1, 15, 15, 15, 15, false, dw::kNone, true},
       {1, 3, 6, 5, 5, 5, 1, 1, 1, 1, 2, 2, 2, 2, true, dw::kRelu, false},
       {3, 5, 40, 9, 3, 3, 1, 1, 1, 1, 0, 2, 1, 0, false, dw::kGelu, true},
+      // dweight in runs of taps (stride 1, dilation 1): channels not a multiple of the channel block, widths not a
+      // multiple of the run, tap rows in chunks, several units a thread (31x31, 40 channels), both layouts
+      {2, 37, 13, 11, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, dw::kGelu, true},
+      {2, 3, 17, 19, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false, dw::kRelu, true},
+      {2, 20, 14, 15, 7, 7, 1, 1, 1, 1, 3, 3, 3, 3, true, dw::kGelu, true},
+      {1, 3, 15, 23, 7, 7, 1, 1, 1, 1, 3, 3, 2, 4, false, dw::kNone, true},
+      {2, 40, 12, 13, 9, 9, 1, 1, 1, 1, 4, 4, 4, 4, true, dw::kGelu, true},
+      {2, 5, 11, 20, 9, 9, 1, 1, 1, 1, 4, 4, 4, 4, false, dw::kGelu, false},
+      {1, 40, 9, 10, 31, 31, 1, 1, 1, 1, 15, 15, 15, 15, true, dw::kNone, true},
+      {1, 2, 33, 35, 31, 31, 1, 1, 1, 1, 15, 15, 15, 15, false, dw::kRelu, true},
+      {2, 6, 9, 9, 11, 5, 1, 1, 1, 1, 5, 5, 2, 2, true, dw::kNone, false},
+      {1, 3, 70, 66, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false, dw::kGelu, true},
+      {2, 4, 7, 8, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, true, dw::kRelu, true},
+      {2, 3, 8, 9, 2, 2, 1, 1, 1, 1, 1, 0, 0, 1, false, dw::kGelu, true},
   };
   std::mt19937 rng(1234);
   bool ok = true;
   for (const Case& k : cases) {
     ok &= run_case(k, rng);
   }
-  return ok && run_load_modes() && run_kernel_choice();
+  return ok && run_load_modes() && run_kernel_choice() && run_dweight_choice();
 }
 
 // --- attention against naive loops ----------------------------------------------------------------------------
