@@ -1057,15 +1057,21 @@ def run_block(
 
 
 def sample_blocks(grid: tuple[int, int, int]) -> list[tuple[tuple[int, int, int], int]]:
-    """The thread blocks the executor runs for a grid, each with how many blocks of the grid it stands for: along
-    a dimension of up to 3 blocks every one, along a longer one the first, the second (for the interior ones) and
-    the last, so that edge tiles, the last channel block and the last batch are run as they are."""
+    """The thread blocks the executor runs for a grid, each with how many blocks of the grid it stands for. Along x
+    every block of up to 3, else the first, the second (for the interior ones) and the last, so that the first and
+    last tiles (edges) and interior ones are run; along y and z every block of up to 2, else the first (for all but
+    the last) and the last: vitkern's kernels put channel blocks and images there, which differ only at the last."""
 
-    def along(n: int) -> list[tuple[int, int]]:
-        return [(i, 1) for i in range(n)] if n <= 3 else [(0, 1), (1, n - 2), (n - 1, 1)]
+    def along(n: int, edges_first: bool) -> list[tuple[int, int]]:
+        if n <= (3 if edges_first else 2):
+            return [(i, 1) for i in range(n)]
+        return [(0, 1), (1, n - 2), (n - 1, 1)] if edges_first else [(0, n - 1), (n - 1, 1)]
 
     return [
-        ((x, y, z), wx * wy * wz) for z, wz in along(grid[2]) for y, wy in along(grid[1]) for x, wx in along(grid[0])
+        ((x, y, z), wx * wy * wz)
+        for z, wz in along(grid[2], False)
+        for y, wy in along(grid[1], False)
+        for x, wx in along(grid[0], True)
     ]
 
 

@@ -35,9 +35,11 @@ format and backend, one training step's kernel launches (forward, then every bac
   use, the edge cases of interior tiles) count zero. The arguments are the launchers' own: :data:`ARGUMENTS_CPP`, a
   host program compiled against csrc/depthwise_conv_kernels.cuh, runs their planning (tilings, load modes, items
   per block) and packs each launch's parameters as the CUDA ABI does; its launches must equal the plan op's
-  (``depthwise_conv2d_plan``), name, grid, block and shared memory. Blocks are executed per grid dimension: all of
-  a dimension of up to 3, else the first, the second (standing for the interior ones) and the last
-  (:func:`_sass.sample_blocks`); results are kept in :func:`cache_dir`. Why execution rather than trip counts read
+  (``depthwise_conv2d_plan``), name, grid, block and shared memory. Not every block is executed
+  (:func:`_sass.sample_blocks`): along x (the tiles of the forward and dx, the item ranges of dweight) all of up to
+  3, else the first, the second (standing for the interior ones) and the last; along y and z (channel blocks,
+  images, tap chunks), which differ only at the last, all of up to 2, else the first (standing for all but the
+  last) and the last. Results are kept in :func:`cache_dir`. Why execution rather than trip counts read
   off the source: the trip counts of the inner loops (tile loads split and unrolled by the compiler, loops over
   planes, items and slots) and which branch an epilogue takes depend on the tiling, which the plan op does not
   report, and on compiler transformations that the source does not show; executing the SASS needs neither.
@@ -912,7 +914,7 @@ def argument_program() -> Path:
     with tempfile.TemporaryDirectory(prefix="vitkern-perf-model-", dir=program.parent) as tmp:
         source, built = Path(tmp) / "arguments.cpp", Path(tmp) / "arguments"
         source.write_text(ARGUMENTS_CPP)
-        command = [compiler, "-std=c++20", "-O1", "-DVITKERN_EMULATION", f"-I{CSRC}", str(source), "-o", str(built)]
+        command = [compiler, "-std=c++20", "-O0", "-DVITKERN_EMULATION", f"-I{CSRC}", str(source), "-o", str(built)]
         result = subprocess.run([*command, "-pthread"], capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"compiling the argument program failed: {result.stderr.strip()[-2000:]}")
@@ -940,7 +942,8 @@ def cuda_arguments(shape: ConvShape, dtype: torch.dtype, layout: str) -> dict[st
 def executed(function: _sass.Function, shape: _sass.LaunchShape) -> Executed:
     """What the warps of a launch issue, from :func:`vitkern.tools._sass.launch_counts` (kept in :func:`cache_dir`
     by the function's code and the launch)."""
-    key = hashlib.sha256(repr((function.instructions, shape)).encode()).hexdigest()[:24]
+    key = hashlib.sha256(repr((function.instructions, shape, _sass.sample_blocks(shape.grid))).encode())
+    key = key.hexdigest()[:24]
     path = cache_dir() / "cuda_executed" / f"{key}.json"
     if path.is_file():
         counts = json.loads(path.read_text())
