@@ -29,20 +29,20 @@ format and backend, one training step's kernel launches (forward, then every bac
   warp, a split warp running each side and meeting again at the branch's immediate post-dominator (a warp runs a
   block when one of its lanes is active, and issues all of it, guarded-off instructions included); loads return 0,
   which only data would notice (the depthwise kernels branch on their arguments and thread indices alone). So
-  every loop runs its real trip count (tile loads, per-row loops,
-  the hot loop, with the lanes and warps past the tile's edge idle or exited), and branches the launch does not
-  take (an epilogue's activation, scale, shift and residual when they are null, the load modes the tile does not
-  use, the edge cases of interior tiles) count zero. The arguments are the launchers' own: :data:`ARGUMENTS_CPP`, a
-  host program compiled against csrc/depthwise_conv_kernels.cuh, runs their planning (tilings, load modes, items
-  per block) and packs each launch's parameters as the CUDA ABI does; its launches must equal the plan op's
-  (``depthwise_conv2d_plan``), name, grid, block and shared memory. Not every block is executed
-  (:func:`_sass.sample_blocks`): along x (the tiles of the forward and dx, the item ranges of dweight) all of up to
-  3, else the first, the second (standing for the interior ones) and the last; along y and z (channel blocks,
-  images, tap chunks), which differ only at the last, all of up to 2, else the first (standing for all but the
-  last) and the last. Results are kept in :func:`cache_dir`. Why execution rather than trip counts read
-  off the source: the trip counts of the inner loops (tile loads split and unrolled by the compiler, loops over
-  planes, items and slots) and which branch an epilogue takes depend on the tiling, which the plan op does not
-  report, and on compiler transformations that the source does not show; executing the SASS needs neither.
+  every loop runs its real trip count (tile loads, per-row loops, the hot loop, with the lanes and warps past the
+  tile's edge idle or exited), and branches the launch does not take (an epilogue's activation, scale, shift and
+  residual when they are null, the load modes the tile does not use, the edge cases of interior tiles) count zero.
+  The arguments are the launchers' own: :data:`ARGUMENTS_CPP`, a host program compiled against
+  csrc/depthwise_conv_kernels.cuh, runs their planning (tilings, load modes, items per block) and packs each
+  launch's parameters as the CUDA ABI does; its launches must equal the plan op's (``depthwise_conv2d_plan``),
+  name, grid, block and shared memory. Not every block is executed (:func:`_sass.sample_blocks`): along x (the
+  tiles of the forward and dx, the item ranges of dweight) all of up to 3, else the first, the second (standing for
+  the interior ones) and the last; along y and z (channel blocks, images, tap chunks), which differ only at the
+  last, all of up to 2, else the first (standing for all but the last) and the last. Results are kept in
+  :func:`cache_dir`. Why execution rather than trip counts read off the source: the trip counts of the inner loops
+  (tile loads split and unrolled by the compiler, loops over planes, items and slots) and which branch an epilogue
+  takes depend on the tiling, which the plan op does not report, and on compiler transformations that the source
+  does not show; executing the SASS needs neither.
 * **Occupancy.** Blocks per SM = the fewest that registers (allocated per warp in units of 256), shared memory (plus
   the 1 KiB the driver reserves per block), threads and the 32-block limit allow on sm_90 (:data:`SM90`).
 * **Floors**, from the shape alone: ``memory_us`` = the bytes each of the launch's inputs is read once and each
