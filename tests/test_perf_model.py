@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,108 @@ def test_whole_kernel_mix(known_loops):
     assert mix.counts["sts"] == 1 and mix.counts["stg"] == 1
     assert mix.counts["ffma"] == 4
     assert known_loops.instructions[-1].opcode == "EXIT"  # the trap loop after EXIT is not code that runs
+
+
+def _back_edge_count(function: _sass.Function, loop: _sass.Loop, counts: list[int]) -> int:
+    """Warp executions of the block that ends with the loop's branch back."""
+    (count,) = [
+        count
+        for count, block in zip(counts, function.blocks())
+        if function.instructions[block.last].address == loop.end
+    ]
+    return count
+
+
+@pytest.mark.parametrize(("outer", "inner", "threads"), [(5, 7, 64), (0, 7, 64), (3, 1, 33)])
+def test_executed_loops_of_a_known_kernel(known_loops, outer, inner, threads):
+    """Every warp runs the outer loop `outer` times and the inner one `inner` times per outer iteration; 33 threads
+    are two warps, the second with one lane."""
+    params = struct.pack("<QQii", 0x10000, 0x20000, outer, inner)
+    counts = _sass.run_block(known_loops, _sass.LaunchShape((1, 1, 1), (threads, 1, 1), params), (0, 0, 0))
+    warps = -(-threads // 32)
+    hot = known_loops.hot_loop()
+    (outer_loop,) = [o for o in known_loops.loops() if o != hot and o.start <= hot.start and hot.end <= o.end]
+    assert _back_edge_count(known_loops, hot, counts) == warps * outer * inner
+    assert _back_edge_count(known_loops, outer_loop, counts) == warps * outer
+    assert counts[0] == warps  # the entry block, once a warp
+    exits = [i for i, block in enumerate(known_loops.blocks()) if _sass.EXIT_BLOCK in block.successors]
+    assert sum(counts[i] for i in exits) == warps
+
+
+# A branch on the thread index around a loop whose trip count is a signed quotient of two arguments: the executor
+# must split warps, divide as the GPU does (through the float reciprocal) and compare 64-bit pointers against null.
+KNOWN_BRANCHES_CU = r"""
+extern "C" __global__ void known_branches(const float* __restrict__ x, float* __restrict__ y,
+                                          const float* __restrict__ bias, int n, int d, int split) {
+  float acc = 0.f;
+  if (static_cast<int>(threadIdx.x) < split) {
+#pragma unroll 1
+    for (int i = 0; i < n / d; ++i) {
+      acc = fmaf(acc, x[threadIdx.x], x[i]);
+    }
+  }
+  if (bias != nullptr) {
+    acc = acc * bias[threadIdx.x] + bias[blockDim.x + threadIdx.x];
+  }
+  y[threadIdx.x] = acc;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def known_branches(tmp_path_factory) -> _sass.Function:
+    if not NVCC.is_file():
+        pytest.skip(f"needs nvcc (not at {NVCC}) to compile the hand-written kernel")
+    tmp = tmp_path_factory.mktemp("known_branches")
+    (tmp / "k.cu").write_text(KNOWN_BRANCHES_CU)
+    subprocess.run([str(NVCC), "-cubin", "-arch=sm_90", "-o", str(tmp / "k.cubin"), str(tmp / "k.cu")], check=True)
+    (function,) = _sass.dump_sass(tmp / "k.cubin")
+    return function
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "split", "warps_in_loop", "trips"),
+    [
+        (100, 7, 40, 2, 14),  # lanes 0-39: all of warp 0, 8 lanes of warp 1
+        (100, 7, 32, 1, 14),  # warp 0 alone
+        (256, 49, 96, 3, 5),
+        (-100, 7, 96, 3, 0),  # -14: no iteration
+        (100, -7, 96, 3, 0),
+        (7, 100, 96, 3, 0),
+    ],
+)
+def test_executed_branches_of_a_known_kernel(known_branches, n, d, split, warps_in_loop, trips):
+    hot = known_branches.hot_loop()
+    assert hot is not None and hot.mix.counts["ffma"] == 1
+    for bias, extra in ((0, 0), (0x30000, 1)):
+        params = struct.pack("<QQQiii", 0x10000, 0x20000, bias, n, d, split)
+        counts = _sass.run_block(known_branches, _sass.LaunchShape((1, 1, 1), (96, 1, 1), params), (0, 0, 0))
+        assert _back_edge_count(known_branches, hot, counts) == warps_in_loop * trips
+        mix = [_sass.Mix.of(known_branches.instructions[b.first : b.last + 1]) for b in known_branches.blocks()]
+        # the bias's FFMA runs once in each of the 3 warps where bias is not null
+        ffma_outside = sum(c * m.counts["ffma"] for c, m in zip(counts, mix)) - warps_in_loop * trips
+        assert ffma_outside == 3 * extra
+
+
+def test_sample_blocks_weights_cover_the_grid():
+    for grid in [(1, 1, 1), (3, 2, 1), (4, 96, 64), (163, 6, 1)]:
+        samples = _sass.sample_blocks(grid)
+        assert sum(weight for _, weight in samples) == grid[0] * grid[1] * grid[2]
+        assert all(all(0 <= i < g for i, g in zip(index, grid)) for index, _ in samples)
+        assert (0, 0, 0) in [index for index, _ in samples]
+        assert tuple(g - 1 for g in grid) in [index for index, _ in samples]
+
+
+def test_executed_instructions_replace_the_hot_loop_count():
+    """A launch with what its warps issued: the issue time is theirs, spread over the warps launched."""
+    nothing = _sass.Mix({kind: 0 for kind in _sass.CLASSES})
+    code = perf_model.Code(nothing, nothing, 64, 0)
+    counts = dict.fromkeys(_sass.CLASSES, 0.0) | {"ffma": 132 * 2 * 8 * 60.0, "int": 132 * 2 * 8 * 40.0}
+    executed = perf_model.Executed(counts, 132 * 2 * 8 * 60.0 * 32, {})
+    launch = perf_model.Launch("k", code, 132 * 2, 8, 0, 0.0, True, perf_model.Work(0, 0, 0, "fp32"), executed)
+    assert launch.warp_instructions() == 132 * 2 * 8 * 100
+    figures = perf_model.estimate(launch, perf_model.DEVICES["h100"])
+    assert figures["issue_us"] == pytest.approx(2 * 8 * 100 / 4 / 1.98e9 * 1e6)
 
 
 SASS_SNIPPET = """
@@ -272,29 +375,41 @@ def test_unknown_filter_is_a_usage_error(monkeypatch, capsys):
     assert "no_such_shape" in capsys.readouterr().err
 
 
-def test_cuda_trip_count_from_a_plan():
-    """A forward planned by hand on the built extension's fp16 forward kernel: its hot loop's iterations per warp are
-    the layer's multiply-adds over (warps launched x multiply-adds per iteration)."""
+def test_cuda_launch_is_executed_on_its_arguments():
+    """ConvNeXt-T stage 2 forward, fp16 NCHW, on the sliding-window kernel: a block holds 2 channel planes of 28 rows
+    x 4 runs of 8 columns, so 224 of its 256 threads (7 of 8 warps) run the 7 kernel rows of the hot loop; the
+    epilogue's code for activations, scale, shift, residual and z, never run with a bias alone, is not counted."""
     if perf_model.extension_path() is None:
         pytest.skip("vitkern._C is not built (needs the nvcc build), so there is no SASS of the CUDA C++ kernels")
-    code = perf_model.extension_code()
-    (name,) = [n for n in code if "depthwise_conv2d_fwd_kernel<c10::Half, float>" in n]
-    grid, block, smem = (8, 192, 64), (256, 1, 1), 4096
-
-    def plan(x_shape, channels_last, dtype, kernel, stride, padding, dilation, activation, direction):
-        assert (x_shape, channels_last, dtype, kernel) == ([64, 192, 28, 28], False, "float16", [7, 7])
-        assert (stride, padding, dilation, activation) == ([1, 1], [3, 3, 3, 3], [1, 1], 0)
-        return (
-            [f"{name}|{grid[0]},{grid[1]},{grid[2]}|{block[0]},{block[1]},{block[2]}|{smem}"]
-            if direction == "fwd"
-            else []
-        )
-
     shape = next(s for s in perf_model.CONV_SHAPES if s.name == "convnext_t_stage2")
-    (launch,) = perf_model.cuda_launches(shape, torch.float16, "nchw", plan)
-    warps = 8 * 192 * 64 * 256 // 32
-    assert launch.blocks == 8 * 192 * 64 and launch.warps_per_block == 8 and launch.dynamic_shared == smem
-    assert launch.code.hot.macs > 0
-    assert launch.hot_iterations == pytest.approx(64 * 192 * 28 * 28 * 49 / (warps * launch.code.hot.macs))
-    assert launch.work.macs == 64 * 192 * 28 * 28 * 49
-    assert launch.kernel == "depthwise_conv2d_fwd_kernel<Half, float>"
+    launches = perf_model.cuda_launches(shape, torch.float16, "nchw")
+    fwd = next(launch for launch in launches if "fwd_window_kernel<Half, float, 7, false>" in launch.kernel)
+    assert fwd.blocks == 1 * 96 * 64 and fwd.warps_per_block == 8
+    assert fwd.hot_iterations == pytest.approx(7 * 7 / 8)
+    warps = fwd.blocks * fwd.warps_per_block
+    # every thread that computes does all 7 x 7 x 8 multiply-adds of its run, the 4 past the 28th column included
+    assert fwd.executed.macs == pytest.approx(warps * 7 / 8 * 7 * 7 * 8 * 32)
+    assert fwd.executed.macs >= fwd.work.macs
+    function, _ = perf_model.extension_kernel(
+        next(n for n in perf_model.extension_names() if "fwd_window" in n and "c10::Half, float, 7, false" in n)
+    )
+    assert fwd.warp_instructions() / warps < len(function.instructions) / 2
+    assert {launch.kernel.split("<")[0] for launch in launches} == {
+        "depthwise_conv2d_fwd_window_kernel",
+        "depthwise_conv2d_dx_window_kernel",
+        "depthwise_conv2d_dweight_kernel",
+        "reduce_partials_kernel",
+    }
+
+
+def test_a_plan_the_argument_program_does_not_know_is_refused():
+    if perf_model.extension_path() is None:
+        pytest.skip("vitkern._C is not built (needs the nvcc build), so there is no SASS of the CUDA C++ kernels")
+    shape = next(s for s in perf_model.CONV_SHAPES if s.name == "convnext_t_stage2")
+    (name,) = [n for n in perf_model.extension_names() if "depthwise_conv2d_fwd_kernel<c10::Half, float>" in n]
+
+    def plan(*args):
+        return [f"{name}|8,192,64|256,1,1|4096"] if args[-1] == "fwd" else []
+
+    with pytest.raises(ValueError, match="argument program"):
+        perf_model.cuda_launches(shape, torch.float16, "nchw", plan)

@@ -13,17 +13,36 @@ format and backend, one training step's kernel launches (forward, then every bac
   ``depthwise_conv2d_plan`` of the built extension, which lives beside the launcher, names each launch's template
   instance, grid, block and dynamic shared memory; the SASS is that function's in ``vitkern/_C*.so``.
 * **Instruction mix.** ``cuobjdump -sass`` of the function; loops are backward branches, the hot loop the one whose
-  own body (nested loops left out) does the most multiply-adds (:mod:`vitkern.tools._sass`).
-* **Trip counts.** Triton kernels: the hot loop's iterations over the whole grid, from the loop bounds the kernel
-  source gives and the launch arguments: ``cdiv(KH*KW, BLOCK_T)`` per program for the depthwise forward and dx,
+  own body (nested loops left out) does the most multiply-adds (:mod:`vitkern.tools._sass`). The table's FMA share
+  is the hot loop's.
+* **What executes, Triton.** The hot loop's iterations over the whole grid, from the loop bounds the kernel source
+  gives and the launch arguments: ``cdiv(KH*KW, BLOCK_T)`` per program for the depthwise forward and dx,
   ``N * cdiv(P, BLOCK_P)`` per channel (and tap) block for the split reductions (epilogue backward, dweight),
   ``cdiv(NK, BLOCK_N)`` per query block for the attention forward and dq, ``cdiv(NQ, BLOCK_M)`` per key block for
   dk/dv, and for the table gradient (x-block pairs whose offsets reach the program's bins) x batch chunk x query rows
-  of the program's row offset. CUDA C++ kernels: iterations per warp = the launch's multiply-adds / (warps launched x
-  multiply-adds per hot-loop iteration), the multiply-adds being ``N * C * OH * OW * kh * kw`` of its direction (a
-  kernel that skips none); a hot loop without multiply-adds (a partial-sum reduction) counts once per warp. Every
-  instruction outside the hot loop counts once per warp: ``warp_instructions = warps_per_block * (hot_iterations *
-  hot_body + blocks * rest)`` (Triton), ``warps * (hot_iterations_per_warp * hot_body + rest)`` (CUDA C++).
+  of the program's row offset. Every instruction outside the hot loop counts once per program:
+  ``warp_instructions = warps_per_block * (hot_iterations * hot_body + blocks * rest)``.
+* **What executes, CUDA C++.** Counted, not assumed: each basic block of the SASS (:func:`_sass.control_flow`) is
+  weighted by how many times the launch's warps run it, ``warp_instructions = sum over blocks b of runs(b) *
+  len(b)``. ``runs`` comes from executing the kernel's SASS on the launch's own arguments
+  (:func:`_sass.run_block`): integer, predicate and branch instructions for every thread of a block, 32 lanes a
+  warp, a split warp running each side and meeting again at the branch's immediate post-dominator (a warp runs a
+  block when one of its lanes is active, and issues all of it, guarded-off instructions included); loads return 0,
+  which only data would notice (the depthwise kernels branch on their arguments and thread indices alone). So
+  every loop runs its real trip count (tile loads, per-row loops, the hot loop, with the lanes and warps past the
+  tile's edge idle or exited), and branches the launch does not take (an epilogue's activation, scale, shift and
+  residual when they are null, the load modes the tile does not use, the edge cases of interior tiles) count zero.
+  The arguments are the launchers' own: :data:`ARGUMENTS_CPP`, a host program compiled against
+  csrc/depthwise_conv_kernels.cuh, runs their planning (tilings, load modes, items per block) and packs each
+  launch's parameters as the CUDA ABI does; its launches must equal the plan op's (``depthwise_conv2d_plan``),
+  name, grid, block and shared memory. Not every block is executed (:func:`_sass.sample_blocks`): along x (the
+  tiles of the forward and dx, the item ranges of dweight) all of up to 3, else the first, the second (standing for
+  the interior ones) and the last; along y and z (channel blocks, images, tap chunks), which differ only at the
+  last, all of up to 2, else the first (standing for all but the last) and the last. Results are kept in
+  :func:`cache_dir`. Why execution rather than trip counts read off the source: the trip counts of the inner loops
+  (tile loads split and unrolled by the compiler, loops over planes, items and slots) and which branch an epilogue
+  takes depend on the tiling, which the plan op does not report, and on compiler transformations that the source
+  does not show; executing the SASS needs neither.
 * **Occupancy.** Blocks per SM = the fewest that registers (allocated per warp in units of 256), shared memory (plus
   the 1 KiB the driver reserves per block), threads and the 32-block limit allow on sm_90 (:data:`SM90`).
 * **Floors**, from the shape alone: ``memory_us`` = the bytes each of the launch's inputs is read once and each
@@ -31,11 +50,12 @@ format and backend, one training step's kernel launches (forward, then every bac
   must do them (the fp32 FMA pipe for depthwise convolution, which accumulates in fp32, and for fp32 attention,
   whose dots are exact; tensor cores for fp16 / bf16 attention). ``floor_us = max(memory_us, math_us)``.
 * **Estimate.** ``estimate_us = max(memory_us, tensor_us, issue_us)``: ``tensor_us`` = the executed tensor-core
-  multiply-adds (hot loop x trips, from the SASS) over the tensor-core rate, ``issue_us = waves * resident *
-  warps_per_block * instructions_per_warp / (ISSUE_RATE * clock * efficiency)`` where ``resident = min(blocks_per_sm,
-  ceil(blocks / SMs))``, ``waves = ceil(blocks / (SMs * resident))`` and ``efficiency = min(1, resident *
-  warps_per_block / SATURATING_WARPS)``. FFMA and HFMA2 issue at the issue rate, so their math time is inside
-  ``issue_us``.
+  multiply-adds (Triton: hot loop x trips; CUDA C++: of every block run) over the tensor-core rate, ``issue_us =
+  waves * resident * warps_per_block * instructions_per_warp / (ISSUE_RATE * clock * efficiency)`` where
+  ``resident = min(blocks_per_sm, ceil(blocks / SMs))``, ``waves = ceil(blocks / (SMs * resident))``,
+  ``efficiency = min(1, resident * warps_per_block / SATURATING_WARPS)`` and ``instructions_per_warp =
+  warp_instructions / (blocks * warps_per_block)``. FFMA and HFMA2 issue at the issue rate, so their math time is
+  inside ``issue_us``.
 
 This is a model, not a measurement: caches, bank conflicts, latency chains and DRAM traffic beyond the floor are not
 in it. ``benchmarks/`` measures on a GPU. Refuses to run under ``TRITON_INTERPRET=1``, as the kernel report does.
@@ -46,12 +66,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import importlib
 import inspect
 import json
 import math
 import multiprocessing
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -239,9 +262,25 @@ class Code:
 
 
 @dataclass(frozen=True)
+class Executed:
+    """What a launch's warps issue, summed over its whole grid: warp instructions by class, the multiply-adds they
+    do and, of those, the tensor-core ones by precision."""
+
+    counts: dict[str, float]
+    macs: float
+    tensor_macs: dict[str, float]
+    hot_iterations: float = 0.0  # runs of the hot loop's branch back, by all warps
+
+    @property
+    def total(self) -> float:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True)
 class Launch:
     """One launch: its kernel, grid size in blocks, warps per block, dynamic shared memory and the hot loop's
-    iterations (over the whole grid for Triton, per warp for CUDA C++: ``per_warp``)."""
+    iterations (over the whole grid for Triton, per warp for CUDA C++: ``per_warp``); ``executed``, where the
+    kernel was executed (CUDA C++), is what its warps issue, and replaces the hot-loop-and-rest count."""
 
     kernel: str
     code: Code
@@ -251,8 +290,11 @@ class Launch:
     hot_iterations: float
     per_warp: bool
     work: Work
+    executed: Executed | None = None
 
     def warp_instructions(self) -> float:
+        if self.executed is not None:
+            return self.executed.total
         if self.per_warp:
             per_warp = self.hot_iterations * self.code.hot.total + self.code.rest.total
             return self.blocks * self.warps_per_block * per_warp
@@ -260,6 +302,8 @@ class Launch:
 
     def tensor_macs(self) -> dict[str, float]:
         """Executed tensor-core multiply-adds by precision."""
+        if self.executed is not None:
+            return dict(self.executed.tensor_macs)
         scale = self.hot_iterations * (self.blocks * self.warps_per_block if self.per_warp else self.warps_per_block)
         rest_scale = self.blocks * self.warps_per_block
         totals: dict[str, float] = {}
@@ -686,19 +730,242 @@ def plan_op() -> Callable[..., list[str]]:
 
 
 @functools.cache
-def extension_code() -> dict[str, Code]:
-    """Code of every sm_90 function of ``vitkern/_C*.so``, by demangled name."""
+def _extension_resources() -> dict[str, tuple[str, dict[str, int]]]:
+    """By demangled name, each sm_90 function of ``vitkern/_C*.so``: its mangled name and resource usage."""
     path = extension_path()
     if path is None:
         raise RuntimeError("vitkern._C is not built, so the CUDA C++ kernels cannot be read")
-    functions = _sass.dump_sass(path, ARCH)
-    names = demangle([function.name for function in functions])
-    usage = {(name, arch): fields for arch, name, fields in resource_usage(path)}
+    usage = [(name, fields) for arch, name, fields in resource_usage(path) if arch == ARCH]
+    return dict(zip(demangle([name for name, _ in usage]), usage))
+
+
+@functools.cache
+def extension_kernel(name: str) -> tuple[_sass.Function, Code]:
+    """The SASS and Code of one sm_90 function of ``vitkern/_C*.so``, by demangled name (only that function is
+    disassembled)."""
+    resources = _extension_resources()
+    if name not in resources:
+        raise ValueError(f"plan: kernel {name!r} is not an sm_90 function of vitkern._C")
+    mangled, fields = resources[name]
+    (function,) = _sass.dump_sass(extension_path(), ARCH, functions=(mangled,))
+    return function, code_of_function(function, fields["REG"], static_shared(ARCH, fields["SHARED"]))
+
+
+def extension_names() -> list[str]:
+    """The demangled names of the sm_90 functions of ``vitkern/_C*.so``."""
+    return list(_extension_resources())
+
+
+@functools.cache
+def extension_code() -> dict[str, Code]:
+    """Code of every sm_90 function of ``vitkern/_C*.so``, by demangled name (all disassembled at once)."""
+    resources = _extension_resources()
+    by_mangled = {mangled: (name, fields) for name, (mangled, fields) in resources.items()}
     code = {}
-    for function, name in zip(functions, names):
-        fields = usage[(function.name, ARCH)]
+    for function in _sass.dump_sass(extension_path(), ARCH):
+        name, fields = by_mangled[function.name]
         code[name] = code_of_function(function, fields["REG"], static_shared(ARCH, fields["SHARED"]))
     return code
+
+
+# The arguments of the CUDA C++ launches, as the launchers of csrc/depthwise_conv_kernels.cuh compute them: a small
+# host program compiled against that header (with the emulation's CUDA stand-ins, csrc/emulation/cuda_emulation.h),
+# which runs the launchers' own planning and packs each launch's parameters. It mirrors csrc/depthwise_conv.cu's
+# choice of null pointers; the plan op's entries must match its launches name for name, grid for grid.
+ARGUMENTS_CPP = r"""
+// The arguments of every CUDA C++ depthwise launch of one training step of a layer, from the launchers' own
+// planning (csrc/depthwise_conv_kernels.cuh): one line a launch, "<direction>|<kernel>|gx,gy,gz|bx,by,bz|<dynamic
+// shared bytes>|<parameter bytes in hex>", the parameters laid out as the CUDA ABI lays out kernel parameters (each
+// at the next multiple of its alignment). Pointers are distinct made-up addresses, null where the op passes null.
+// argv: dtype (float32 | float16 | bfloat16) N C H W K channels_last (0 | 1) epilogue (0 | 1).
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace c10 {
+struct Half {
+  std::uint16_t bits = 0;
+  Half() = default;
+  Half(float) {}
+  operator float() const { return 0.f; }
+};
+struct BFloat16 {
+  std::uint16_t bits = 0;
+  BFloat16() = default;
+  BFloat16(float) {}
+  operator float() const { return 0.f; }
+};
+}  // namespace c10
+
+#include "depthwise_conv_kernels.cuh"
+
+namespace vitkern::dwconv {
+template <>
+struct Spelling<c10::Half> {
+  static std::string get() { return "c10::Half"; }
+};
+template <>
+struct Spelling<c10::BFloat16> {
+  static std::string get() { return "c10::BFloat16"; }
+};
+}  // namespace vitkern::dwconv
+
+namespace dw = vitkern::dwconv;
+
+template <typename T>
+void put(std::vector<unsigned char>& out, const T& value) {
+  const std::size_t at = (out.size() + alignof(T) - 1) / alignof(T) * alignof(T);
+  out.resize(at + sizeof(T));
+  std::memcpy(out.data() + at, &value, sizeof(T));
+}
+
+template <typename... Params, typename... Args>
+std::string pack(void (*)(Params...), Args&&... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args), "one argument a kernel parameter");
+  std::vector<unsigned char> bytes;
+  (put<Params>(bytes, static_cast<Params>(args)), ...);
+  std::string hex;
+  char digits[3];
+  for (unsigned char b : bytes) {
+    std::snprintf(digits, sizeof digits, "%02x", b);
+    hex += digits;
+  }
+  return hex;
+}
+
+void emit(const char* direction, const std::string& launch, const std::string& params) {
+  std::printf("%s|%s|%s\n", direction, launch.c_str(), params.c_str());
+}
+
+template <typename S>
+void run(const dw::Geometry& g, const dw::Strides& s, bool epilogue) {
+  using A = float;
+  auto ptr = [](int i) { return reinterpret_cast<S*>(std::uintptr_t{0x7f0000000000} + (std::uintptr_t(i) << 28)); };
+  auto acc = [](int i) { return reinterpret_cast<A*>(std::uintptr_t{0x7e0000000000} + (std::uintptr_t(i) << 28)); };
+  S* none = nullptr;
+  const int act = epilogue ? dw::kGelu : dw::kNone;
+  const dw::ConvLaunch f = dw::plan_fwd<S, A>(g, s, true);
+  dw::with_conv_kernel<S, A, false>(f, [&](auto kernel, auto name, const auto& tiling) {
+    emit("fwd", dw::describe_launch(name(), f.grid, f.block, f.shared_bytes),
+         pack(kernel, ptr(1), ptr(2), ptr(3), epilogue ? ptr(4) : none, epilogue ? ptr(5) : none,
+              epilogue ? ptr(6) : none, ptr(7), epilogue ? ptr(8) : none, g, s, s, tiling, act));
+  });
+  const dw::GradSource<S, A> grad{ptr(9), epilogue ? ptr(8) : none, epilogue ? ptr(4) : none, act};
+  const dw::ConvLaunch d = dw::plan_dx<S, A>(g, s);
+  dw::with_conv_kernel<S, A, true>(d, [&](auto kernel, auto name, const auto& tiling) {
+    emit("dx", dw::describe_launch(name(), d.grid, d.block, d.shared_bytes),
+         pack(kernel, grad, ptr(2), ptr(10), g, s, s, tiling));
+  });
+  const dw::DweightPlan plan = dw::plan_dweight<S, A>(g, s, true);
+  dw::dweight_launches<S, A>(plan, g, grad, ptr(1), acc(1), acc(2), acc(3), acc(4), s, s, true, true,
+                             [&](auto kernel, auto name, dim3 grid, dim3 block, std::size_t shared, auto&&... args) {
+                               emit("dweight", dw::describe_launch(name(), grid, block, shared), pack(kernel, args...));
+                             });
+}
+
+int main(int argc, char** argv) {
+  if (argc != 9) {
+    std::fprintf(stderr, "usage: %s dtype N C H W K channels_last epilogue\n", argv[0]);
+    return 2;
+  }
+  const std::string dtype = argv[1];
+  const int64_t n = std::atoll(argv[2]), c = std::atoll(argv[3]), h = std::atoll(argv[4]), w = std::atoll(argv[5]);
+  const int k = std::atoi(argv[6]);
+  const bool channels_last = std::atoi(argv[7]) != 0, epilogue = std::atoi(argv[8]) != 0;
+  const int pad = (k - 1) / 2;
+  const dw::Geometry g{n, c, h, w, h, w, k, k, 1, 1, 1, 1, pad, pad};
+  const dw::Strides s = channels_last ? dw::Strides{h * w * c, 1, w * c, c} : dw::Strides{c * h * w, h * w, w, 1};
+  if (dtype == "float32") {
+    run<float>(g, s, epilogue);
+  } else if (dtype == "float16") {
+    run<c10::Half>(g, s, epilogue);
+  } else if (dtype == "bfloat16") {
+    run<c10::BFloat16>(g, s, epilogue);
+  } else {
+    std::fprintf(stderr, "dtype: expected float32, float16 or bfloat16, got %s\n", argv[1]);
+    return 2;
+  }
+  return 0;
+}
+"""
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_ARGUMENT_HEADERS = ("depthwise_conv_kernels.cuh", "launch.h", "emulation/cuda_emulation.h")
+
+
+def argument_program() -> Path:
+    """:data:`ARGUMENTS_CPP` compiled by the host C++ compiler (``$CXX``, else g++ or c++) into :func:`cache_dir`,
+    once per version of it and of the headers it includes."""
+    digest = hashlib.sha256(ARGUMENTS_CPP.encode())
+    for header in _ARGUMENT_HEADERS:
+        path = CSRC / header
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the CUDA C++ sources are needed to compute the launches' arguments")
+        digest.update(path.read_bytes())
+    program = cache_dir() / "cuda_arguments" / digest.hexdigest()[:16] / "arguments"
+    if program.is_file():
+        return program
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if compiler is None:
+        raise FileNotFoundError("a host C++ compiler ($CXX, g++ or c++) is needed to compute the launches' arguments")
+    program.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vitkern-perf-model-", dir=program.parent) as tmp:
+        source, built = Path(tmp) / "arguments.cpp", Path(tmp) / "arguments"
+        source.write_text(ARGUMENTS_CPP)
+        command = [compiler, "-std=c++20", "-O0", "-DVITKERN_EMULATION", f"-I{CSRC}", str(source), "-o", str(built)]
+        result = subprocess.run([*command, "-pthread"], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling the argument program failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, program)
+    return program
+
+
+def cuda_arguments(shape: ConvShape, dtype: torch.dtype, layout: str) -> dict[str, list[tuple[str, bytes]]]:
+    """By direction, each launch (``"<kernel>|gx,gy,gz|bx,by,bz|smem"``, as the plan op writes it) and its
+    parameter bytes, from :func:`argument_program`."""
+    command = [str(argument_program()), _CUDA_DTYPES[dtype], str(shape.batch), str(shape.channels)]
+    command += [str(shape.size), str(shape.size), str(shape.kernel), str(int(layout == "channels_last"))]
+    command += [str(int(shape.convmixer_epilogue))]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"the argument program failed: {result.stderr.strip()}")
+    out: dict[str, list[tuple[str, bytes]]] = {}
+    for line in result.stdout.splitlines():
+        direction, rest = line.split("|", 1)
+        launch, params = rest.rsplit("|", 1)
+        out.setdefault(direction, []).append((launch, bytes.fromhex(params)))
+    return out
+
+
+def executed(function: _sass.Function, shape: _sass.LaunchShape) -> Executed:
+    """What the warps of a launch issue, from :func:`vitkern.tools._sass.launch_counts` (kept in :func:`cache_dir`
+    by the function's code and the launch)."""
+    key = hashlib.sha256(repr((function.instructions, shape, _sass.sample_blocks(shape.grid))).encode())
+    key = key.hexdigest()[:24]
+    path = cache_dir() / "cuda_executed" / f"{key}.json"
+    if path.is_file():
+        counts = json.loads(path.read_text())
+    else:
+        counts = _sass.launch_counts(function, shape)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(counts))
+    by_class: dict[str, float] = dict.fromkeys(_sass.CLASSES, 0.0)
+    macs, tensor, hot_iterations = 0.0, {}, 0.0
+    hot = function.hot_loop()
+    for count, block in zip(counts, function.blocks()):
+        if hot is not None and function.instructions[block.last].address == hot.end:
+            hot_iterations = count
+        if not count:
+            continue
+        mix = _sass.Mix.of(function.instructions[block.first : block.last + 1])
+        for kind, n in mix.counts.items():
+            by_class[kind] += count * n
+        macs += count * mix.macs
+        for precision, n in mix.tensor_macs.items():
+            tensor[precision] = tensor.get(precision, 0.0) + count * n
+    return Executed(by_class, macs, tensor, hot_iterations)
 
 
 def _cuda_work(direction: str, kernel: str, shape: ConvShape, dtype: torch.dtype, launch: PlannedLaunch) -> Work:
@@ -726,12 +993,16 @@ def _cuda_work(direction: str, kernel: str, shape: ConvShape, dtype: torch.dtype
 
 
 def cuda_launches(
-    shape: ConvShape, dtype: torch.dtype, layout: str, plan: Callable[..., list[str]] | None = None
+    shape: ConvShape,
+    dtype: torch.dtype,
+    layout: str,
+    plan: Callable[..., list[str]] | None = None,
+    arguments: dict[str, list[tuple[str, bytes]]] | None = None,
 ) -> list[Launch]:
-    """The CUDA C++ launches of one training step of a layer, from the plan (the extension's plan op unless given)
-    and the extension's SASS."""
+    """The CUDA C++ launches of one training step of a layer, from the plan (the extension's plan op unless given),
+    each launch's arguments (:func:`cuda_arguments` unless given) and the extension's SASS, executed."""
     plan = plan_op() if plan is None else plan
-    code = extension_code()
+    arguments = cuda_arguments(shape, dtype, layout) if arguments is None else arguments
     pad = (shape.kernel - 1) // 2
     padding = [pad, shape.kernel - 1 - pad] * 2
     activation = GELU if shape.convmixer_epilogue else 0
@@ -748,15 +1019,17 @@ def cuda_launches(
             activation,
             direction,
         )
-        for entry in map(PlannedLaunch.parse, entries):
-            if entry.kernel not in code:
-                raise ValueError(f"plan: kernel {entry.kernel!r} is not an sm_90 function of vitkern._C")
-            kernel_code = code[entry.kernel]
-            work = _cuda_work(direction, entry.kernel, shape, dtype, entry)
+        unused = list(arguments.get(direction, []))
+        for text in entries:
+            entry = PlannedLaunch.parse(text)
+            function, kernel_code = extension_kernel(entry.kernel)
+            matching = [k for k, (launch, _) in enumerate(unused) if launch == text]
+            if not matching:
+                raise ValueError(f"plan: launch {text!r} is not one the argument program computes for {direction}")
+            params = unused.pop(matching[0])[1]
             blocks = math.prod(entry.grid)
             warps = _cdiv(math.prod(entry.block), _sass.WARP_SIZE)
-            hot_macs = kernel_code.hot.macs
-            iterations = work.macs / (blocks * warps * hot_macs) if hot_macs else float(kernel_code.hot.total > 0)
+            run = executed(function, _sass.LaunchShape(entry.grid, entry.block, params))
             launches.append(
                 Launch(
                     _short_cuda_name(entry.kernel),
@@ -764,9 +1037,10 @@ def cuda_launches(
                     blocks,
                     warps,
                     entry.dynamic_shared,
-                    iterations,
+                    run.hot_iterations / (blocks * warps),
                     True,
-                    work,
+                    _cuda_work(direction, entry.kernel, shape, dtype, entry),
+                    run,
                 )
             )
     return launches
