@@ -817,8 +817,11 @@ __device__ __forceinline__ void dweight_runs(const GradSource<scalar_t, acc_t>& 
     const int oh0 = (tile / t.tiles_w) * t.th;
     const int ow0 = (tile % t.tiles_w) * t.tw;
     __syncthreads();
-    load_grad_tile<scalar_t, acc_t>(grad_tile, grad, g, sy, n, c0, cb, oh0, ow0, t.th, t.tw,
-                                    want_sums ? sums : nullptr);
+    if (want_sums) {  // two calls, not a conditional pointer: sums stays in registers
+      load_grad_tile<scalar_t, acc_t>(grad_tile, grad, g, sy, n, c0, cb, oh0, ow0, t.th, t.tw, sums);
+    } else {
+      load_grad_tile<scalar_t, acc_t>(grad_tile, grad, g, sy, n, c0, cb, oh0, ow0, t.th, t.tw, nullptr);
+    }
     if (want_w) {
       load_input_tile(x_tile, x, g, sx, n, c0, cb, oh0 - g.pad_top + r0, ow0 - g.pad_left, rows, cols,
                       t.load_mode);
