@@ -413,3 +413,17 @@ def test_a_plan_the_argument_program_does_not_know_is_refused():
 
     with pytest.raises(ValueError, match="argument program"):
         perf_model.cuda_launches(shape, torch.float16, "nchw", plan)
+
+
+@pytest.mark.parametrize(
+    "guard, operands, expected",
+    [
+        ("", "0x40", ()),
+        ("P0", "0x40", ("P0",)),
+        ("", "!P1, 0x40", ("!P1",)),
+        ("P0", "P1, 0x40", ("P0", "P1")),  # `@P0 BRA P1, target`: taken only where both hold
+    ],
+)
+def test_branch_conditions_are_the_guard_and_the_predicate_operand(guard, operands, expected):
+    ins = _sass.Instruction(0x10, "BRA", "", operands, guard)
+    assert _sass._branch_condition(ins) == expected

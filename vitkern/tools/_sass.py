@@ -306,13 +306,12 @@ class Block:
     successors: tuple[int, ...]
 
 
-def _branch_condition(ins: Instruction) -> str | None:
-    """The predicate of a BRA that can fall through ("P0", "!UP1"), "" for an unconditional one."""
+def _branch_condition(ins: Instruction) -> tuple[str, ...]:
+    """The predicates of a BRA that can fall through, all of which must hold for it to be taken: its guard
+    ("@P0") and its predicate operand ("BRA P1, target"), each as "P0", "!UP1"; () for an unconditional one."""
     operands = [op.strip() for op in ins.operands.split(",")]
     extra = operands[0] if len(operands) > 1 and _PREDICATE.match(operands[0]) else ""
-    if ins.guard and extra:
-        raise ValueError(f"BRA at {ins.address:#x}: both a guard and a predicate operand")
-    return ins.guard or extra
+    return tuple(p for p in (ins.guard, extra) if p)
 
 
 def control_flow(instructions: list[Instruction]) -> list[Block]:
@@ -977,7 +976,7 @@ class _Compiled:
     blocks: list[Block]
     reconverge: list[int]
     steps: list[list[tuple[Any, _Operand | None]]]  # per block: (effect, guard) of each instruction
-    conditions: list[_Operand | None]  # per block: the predicate of its final BRA / EXIT, if conditional
+    conditions: list[tuple[_Operand, ...] | None]  # per block: the predicates (all must hold) of its final BRA / EXIT
 
 
 def _compile(function: Function) -> _Compiled:
@@ -993,9 +992,9 @@ def _compile(function: Function) -> _Compiled:
         last = function.instructions[block.last]
         condition = None
         if last.opcode == "BRA" and len(block.successors) == 2:
-            condition = _parse_operand(_branch_condition(last))
+            condition = tuple(_parse_operand(p) for p in _branch_condition(last))
         elif last.opcode == "EXIT" and last.guard:
-            condition = _parse_operand(last.guard)
+            condition = (_parse_operand(last.guard),)
         conditions.append(condition)
     return _Compiled(blocks, reconvergence_points(blocks), steps, conditions)
 
@@ -1037,7 +1036,9 @@ def run_block(
                 for entry in stack:
                     entry[1] = entry[1] & ~mask
             continue
-        taken = mask & _pred(m, condition)
+        taken = mask
+        for predicate in condition:
+            taken = taken & _pred(m, predicate)
         rest = mask & ~taken
         target, after = block.successors
         if target == EXIT_BLOCK:  # a guarded EXIT: its lanes leave every entry of the stack
