@@ -634,6 +634,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Calls fn(n, oh0, ow0) for each (image, output tile) item [blockIdx.x * per_block, (blockIdx.x + 1) * per_block)
+// of a dweight launch, in order. 32-bit item arithmetic (the launcher checks the count fits): 64-bit division is a
+// subroutine call on the GPU.
+template <typename Fn>
+__device__ __forceinline__ void for_each_item(const Tiling& t, const Geometry& g, int per_block, Fn&& fn) {
+  const int tiles = t.tiles_h * t.tiles_w;
+  const int items = static_cast<int>(g.n) * tiles;
+  const int item_end = min(items, static_cast<int>(blockIdx.x + 1) * per_block);
+  for (int item = static_cast<int>(blockIdx.x) * per_block; item < item_end; ++item) {
+    const int tile = item % tiles;
+    fn(static_cast<int64_t>(item / tiles), (tile / t.tiles_w) * t.th, (tile % t.tiles_w) * t.tw);
+  }
+}
+
 // dweight partials and the epilogue sums, any stride and dilation. grid (G, ceil(C / cb), tap chunks), block
 // kThreads, shared: the dz tile then the x tile of one tap chunk. Block (g, cblock, chunk) handles items
 // [g * per_block, (g + 1) * per_block) of the N * tiles_h * tiles_w (batch, output tile) items.
@@ -676,15 +690,7 @@ __device__ __forceinline__ void dweight_generic(const GradSource<scalar_t, acc_t
   }
   acc_t sums[kEpilogueSums] = {acc_t(0), acc_t(0), acc_t(0)};
 
-  // 32-bit item arithmetic (the launcher checks the count fits): 64-bit division is a subroutine call on the GPU.
-  const int tiles = t.tiles_h * t.tiles_w;
-  const int items = static_cast<int>(g.n) * tiles;
-  const int item_end = min(items, static_cast<int>(blockIdx.x + 1) * per_block);
-  for (int item = static_cast<int>(blockIdx.x) * per_block; item < item_end; ++item) {
-    const int64_t n = item / tiles;
-    const int tile = item % tiles;
-    const int oh0 = (tile / t.tiles_w) * t.th;
-    const int ow0 = (tile % t.tiles_w) * t.tw;
+  for_each_item(t, g, per_block, [&](int64_t n, int oh0, int ow0) {
     __syncthreads();
     load_grad_tile<scalar_t, acc_t>(grad_tile, grad, g, sy, n, c0, t.cb, oh0, ow0, t.th, t.tw,
                                     want_sums ? sums : nullptr);
@@ -710,7 +716,7 @@ __device__ __forceinline__ void dweight_generic(const GradSource<scalar_t, acc_t
         acc[k] = a;
       }
     }
-  }
+  });
 
   // Fixed-order reductions through shared memory: replicas of a slot, then the threads of a channel.
   acc_t* red_w = smem;
@@ -808,14 +814,7 @@ __device__ __forceinline__ void dweight_runs(const GradSource<scalar_t, acc_t>& 
   }
   acc_t sums[kEpilogueSums] = {acc_t(0), acc_t(0), acc_t(0)};
 
-  const int tiles = t.tiles_h * t.tiles_w;
-  const int items = static_cast<int>(g.n) * tiles;
-  const int item_end = min(items, static_cast<int>(blockIdx.x + 1) * per_block);
-  for (int item = static_cast<int>(blockIdx.x) * per_block; item < item_end; ++item) {
-    const int64_t n = item / tiles;
-    const int tile = item % tiles;
-    const int oh0 = (tile / t.tiles_w) * t.th;
-    const int ow0 = (tile % t.tiles_w) * t.tw;
+  for_each_item(t, g, per_block, [&](int64_t n, int oh0, int ow0) {
     __syncthreads();
     if (want_sums) {  // two calls, not a conditional pointer: sums stays in registers
       load_grad_tile<scalar_t, acc_t>(grad_tile, grad, g, sy, n, c0, cb, oh0, ow0, t.th, t.tw, sums);
@@ -892,7 +891,7 @@ __device__ __forceinline__ void dweight_runs(const GradSource<scalar_t, acc_t>& 
         }
       }
     }
-  }
+  });
 
   // Fixed-order reductions through shared memory: replicas of a unit, then the threads of a channel.
   acc_t* red_w = smem;
