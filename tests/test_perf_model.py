@@ -48,16 +48,22 @@ extern "C" __global__ void known_loops(const float* __restrict__ x, float* __res
 """
 
 
-@pytest.fixture(scope="module")
-def known_loops(tmp_path_factory) -> _sass.Function:
+def compile_one_kernel(tmp_path_factory, name: str, source: str) -> _sass.Function:
+    """The SASS of the one kernel in ``source``, compiled with nvcc for sm_90 in a fresh directory ``name``."""
     if not NVCC.is_file():
         pytest.skip(f"needs nvcc (not at {NVCC}) to compile the hand-written kernel")
-    tmp = tmp_path_factory.mktemp("known_loops")
-    (tmp / "k.cu").write_text(KNOWN_LOOPS_CU)
+    tmp = tmp_path_factory.mktemp(name)
+    (tmp / "k.cu").write_text(source)
     subprocess.run([str(NVCC), "-cubin", "-arch=sm_90", "-o", str(tmp / "k.cubin"), str(tmp / "k.cu")], check=True)
-    functions = _sass.dump_sass(tmp / "k.cubin")
-    assert [f.name for f in functions] == ["known_loops"]
-    return functions[0]
+    (function,) = _sass.dump_sass(tmp / "k.cubin")
+    return function
+
+
+@pytest.fixture(scope="module")
+def known_loops(tmp_path_factory) -> _sass.Function:
+    function = compile_one_kernel(tmp_path_factory, "known_loops", KNOWN_LOOPS_CU)
+    assert function.name == "known_loops"
+    return function
 
 
 def test_hot_loop_of_a_known_kernel(known_loops):
@@ -135,13 +141,7 @@ extern "C" __global__ void known_branches(const float* __restrict__ x, float* __
 
 @pytest.fixture(scope="module")
 def known_branches(tmp_path_factory) -> _sass.Function:
-    if not NVCC.is_file():
-        pytest.skip(f"needs nvcc (not at {NVCC}) to compile the hand-written kernel")
-    tmp = tmp_path_factory.mktemp("known_branches")
-    (tmp / "k.cu").write_text(KNOWN_BRANCHES_CU)
-    subprocess.run([str(NVCC), "-cubin", "-arch=sm_90", "-o", str(tmp / "k.cubin"), str(tmp / "k.cu")], check=True)
-    (function,) = _sass.dump_sass(tmp / "k.cubin")
-    return function
+    return compile_one_kernel(tmp_path_factory, "known_branches", KNOWN_BRANCHES_CU)
 
 
 @pytest.mark.parametrize(
