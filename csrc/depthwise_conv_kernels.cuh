@@ -1399,13 +1399,14 @@ inline bool dweight_run_tiling(const Geometry& g, const Strides& sx, int run, Ti
       const int width = static_cast<int>(std::clamp<int64_t>(g.ow, 1, cb > 1 ? 8 : 32));
       t.tw = (width + run - 1) / run * run;
       t.th = static_cast<int>(std::clamp<int64_t>(g.oh, 1, std::max(1, 4 * kMaxTileOutputs / cb / t.tw)));
-      while (t.th > 1 && dweight_run_shared_floats(t, g, run) * sizeof(float) > kSharedBudget) {
+      const auto too_big = [&] { return dweight_run_shared_floats(t, g, run) * sizeof(float) > kSharedBudget; };
+      while (t.th > 1 && too_big()) {
         --t.th;
       }
-      while (t.tw > run && dweight_run_shared_floats(t, g, run) * sizeof(float) > kSharedBudget) {
+      while (t.tw > run && too_big()) {
         t.tw -= run;
       }
-      if (dweight_run_shared_floats(t, g, run) * sizeof(float) > kSharedBudget) {
+      if (too_big()) {
         continue;
       }
       best = t;
@@ -1413,6 +1414,17 @@ inline bool dweight_run_tiling(const Geometry& g, const Strides& sx, int run, Ti
     }
   }
   return best_score >= 0.0;
+}
+
+// The (batch, tile) items of plan.tiling and their split over the grid's x dimension: enough blocks in all
+// (with the channel blocks and tap chunks) to aim for kTargetBlocks, each taking per_block consecutive items.
+inline void split_items(DweightPlan& plan, const Geometry& g) {
+  const Tiling& t = plan.tiling;
+  plan.items = g.n * t.tiles_h * t.tiles_w;
+  const int64_t other_blocks = ((g.c + t.cb - 1) / t.cb) * plan.chunks;
+  const int64_t wanted = std::min(plan.items, std::max<int64_t>(1, (kTargetBlocks + other_blocks - 1) / other_blocks));
+  plan.per_block = static_cast<int>((plan.items + wanted - 1) / wanted);
+  plan.blocks_g = static_cast<int>((plan.items + plan.per_block - 1) / plan.per_block);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -1426,12 +1438,7 @@ DweightPlan plan_dweight(const Geometry& g, const Strides& sx, bool aligned) {
       plan.tiling = t;
       plan.run = run;
       plan.chunks = (g.kh + t.rc - 1) / t.rc;
-      plan.items = g.n * t.tiles_h * t.tiles_w;
-      const int64_t other_blocks = ((g.c + t.cb - 1) / t.cb) * plan.chunks;
-      const int64_t wanted =
-          std::min(plan.items, std::max<int64_t>(1, (kTargetBlocks + other_blocks - 1) / other_blocks));
-      plan.per_block = static_cast<int>((plan.items + wanted - 1) / wanted);
-      plan.blocks_g = static_cast<int>((plan.items + plan.per_block - 1) / plan.per_block);
+      split_items(plan, g);
       return plan;
     }
   }
@@ -1454,11 +1461,7 @@ DweightPlan plan_dweight(const Geometry& g, const Strides& sx, bool aligned) {
   finish_tiling(t, g.oh, g.ow, sx, g, Vector16<scalar_t>::kSize, aligned);
   plan.tiling = t;
   plan.chunks = ((g.kh + t.rc - 1) / t.rc) * ((g.kw + t.cc - 1) / t.cc);
-  plan.items = g.n * t.tiles_h * t.tiles_w;
-  const int64_t other_blocks = ((g.c + cb - 1) / cb) * plan.chunks;
-  const int64_t wanted = std::min(plan.items, std::max<int64_t>(1, (kTargetBlocks + other_blocks - 1) / other_blocks));
-  plan.per_block = static_cast<int>((plan.items + wanted - 1) / wanted);
-  plan.blocks_g = static_cast<int>((plan.items + plan.per_block - 1) / plan.per_block);
+  split_items(plan, g);
   return plan;
 }
 
