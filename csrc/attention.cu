@@ -173,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     check_shape("lse", lse, {p.batch, p.heads, p.nq});
     dk = at::empty(k.sizes(), k.options());
     dv = at::empty(v.sizes(), v.options());
-    const attn::BwdLayout layout = attn::plan_bwd(p.nk, p.d, p.dv);
+    const attn::BwdLayout layout = attn::plan_bwd<scalar_t>(p.nk, p.d, p.dv);
     const at::TensorOptions f32 = q.options().dtype(at::kFloat);
     const int64_t pairs = p.batch * p.heads;
     int64_t chunks = p.batch;

@@ -1,8 +1,9 @@
 // Attention with learned position biases, softmax(scale * q @ k^T + bias + mask) @ v: kernels and launchers.
 //
 // Torch-free on purpose: csrc/attention.cu instantiates them for float, at::Half and at::BFloat16, and the
-// standalone test driver csrc/emulation/selftest_main.cpp for float. Every product is an fp32 FMA on values held
-// in fp32 in shared memory, whatever the storage dtype.
+// standalone test driver csrc/emulation/selftest_main.cpp for float. The kernels of this file compute every product
+// as an fp32 FMA on values held in fp32 in shared memory: they serve fp32 storage, and the fp16 / bf16 backward past
+// the tensor-core kernels' limits (attention_mma.cuh; the launchers below choose).
 //
 // Bias modes (compile-time-uniform branches on Params::bias_mode): 0 none; 1 relative-position table
 // ((2Wh-1)(2Ww-1), H), geometry [Wh, Ww]; 2 LeViT biases (H, R*R), geometry [R, stride], queries on the stride
@@ -294,6 +295,7 @@ struct BwdLayout {
   int key_tile;
   int64_t key_tiles;
   std::size_t shared_bytes;
+  bool tensor_cores;  // attention_bwd_mma_kernel (attention_mma.cuh), else attention_bwd_kernel
 };
 
 inline std::size_t bwd_shared_bytes(int key_tile, int d, int dv) {
@@ -301,14 +303,15 @@ inline std::size_t bwd_shared_bytes(int key_tile, int d, int dv) {
                           static_cast<std::size_t>(kBlockRows) * (d + dv + 2));
 }
 
-inline BwdLayout plan_bwd(int64_t nk, int d, int dv) {
+// The fp32 kernel's layout: key tiles of up to kMaxResidentKeys keys that fit the shared memory.
+inline BwdLayout plan_bwd_fp32(int64_t nk, int d, int dv) {
   int max_tile = kMaxResidentKeys;
   while (max_tile > 16 && bwd_shared_bytes(max_tile, d, dv) > kSharedBudget) {
     max_tile -= 16;
   }
   const int64_t tiles = std::max<int64_t>(1, (nk + max_tile - 1) / max_tile);
   const int key_tile = static_cast<int>(std::max<int64_t>(1, (nk + tiles - 1) / tiles));
-  return {key_tile, tiles, bwd_shared_bytes(key_tile, d, dv)};
+  return {key_tile, tiles, bwd_shared_bytes(key_tile, d, dv), false};
 }
 
 // acc (tile x cols, row-major) += a^T b over `rows` rows: a (rows x tile, row stride lda), b (rows x cols,
@@ -492,7 +495,30 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+}  // namespace vitkern::attn
+
+#include "attention_mma.cuh"  // the tensor-core kernels for 16-bit storage
+
+namespace vitkern::attn {
+
 // --- launchers ---------------------------------------------------------------------------------------------------
+
+// The kernel choice. fp16 / bf16 take the tensor-core kernels of attention_mma.cuh: the forward always (any head
+// dim up to 128, any Nk: K and V stream in tiles past 256 keys), the backward for head dims up to
+// kMmaBwdMaxHeadDim and Nk up to kMaxResidentKeys. Everything else (fp32 storage, wider heads or longer sequences
+// in the backward) takes the fp32-FMA kernels above.
+template <typename scalar_t>
+constexpr bool kTensorCores = sizeof(scalar_t) == 2;
+
+template <typename scalar_t>
+BwdLayout plan_bwd(int64_t nk, int d, int dv) {
+  if (kTensorCores<scalar_t> && nk <= kMaxResidentKeys && d <= kMmaBwdMaxHeadDim && dv <= kMmaBwdMaxHeadDim) {
+    std::size_t bytes = 0;
+    with_width<64>(d, [&](auto wd) { with_width<64>(dv, [&](auto wdv) { bytes = bwd_mma_shared_bytes(wd, wdv); }); });
+    return {kMmaBwdKeys, std::max<int64_t>(1, (nk + kMmaBwdKeys - 1) / kMmaBwdKeys), bytes, true};
+  }
+  return plan_bwd_fp32(nk, d, dv);
+}
 
 // fn(std::integral_constant<int, L>{}) with L = 1, 2 or 4 lanes of 32 columns, the fewest that cover n <= 128
 // columns: the kernels' kDLanes / kDvLanes.
@@ -524,9 +550,25 @@ void allow_shared(Kernel kernel, std::size_t bytes) {
 template <typename scalar_t>
 void launch_fwd(Params<scalar_t> p, const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out,
                 float* lse, cudaStream_t stream) {
+  const int64_t pairs = p.batch * p.heads;
+  if constexpr (kTensorCores<scalar_t>) {
+    with_width<128>(p.d, [&](auto wd) {
+      with_width<128>(p.dv, [&](auto wdv) {
+        const MmaFwdLayout layout = plan_fwd_mma(p.nq, p.nk, wd, wdv);
+        p.key_tile = layout.key_tile;
+        const int64_t row_tiles = (p.nq + 15) / 16;
+        const dim3 grid(static_cast<unsigned int>((pairs + layout.pairs_per_block - 1) / layout.pairs_per_block),
+                        static_cast<unsigned int>((row_tiles + layout.warps_per_pair - 1) / layout.warps_per_pair));
+        auto kernel = attention_fwd_mma_kernel<scalar_t, decltype(wd)::value, decltype(wdv)::value>;
+        allow_shared(kernel, layout.shared_bytes);
+        launch(kernel, grid, dim3(kMmaThreads), layout.shared_bytes, stream, p, layout.pairs_per_block,
+               layout.warps_per_pair, q, k, v, out, lse);
+      });
+    });
+    return;
+  }
   const FwdLayout layout = plan_fwd(p.nq, p.nk, p.d, p.dv);
   p.key_tile = layout.key_tile;
-  const int64_t pairs = p.batch * p.heads;
   const dim3 grid(static_cast<unsigned int>((pairs + layout.pairs_per_block - 1) / layout.pairs_per_block),
                   static_cast<unsigned int>((p.nq + layout.rows_per_pair - 1) / layout.rows_per_pair));
   auto run = [&](auto kernel) {
@@ -545,12 +587,22 @@ void launch_bwd(Params<scalar_t> p, const BwdLayout& layout, int64_t chunks, int
                 float* dense_grad, cudaStream_t stream) {
   p.key_tile = layout.key_tile;
   const dim3 grid(static_cast<unsigned int>(chunks * p.heads), static_cast<unsigned int>(layout.key_tiles));
-  auto run = [&](auto kernel) {
+  auto run = [&](auto kernel, int threads) {
     allow_shared(kernel, layout.shared_bytes);
-    launch(kernel, grid, dim3(kThreads), layout.shared_bytes, stream, p, batch_per_chunk, q, k, v, out, dout, lse,
+    launch(kernel, grid, dim3(threads), layout.shared_bytes, stream, p, batch_per_chunk, q, k, v, out, dout, lse,
            dq_partial, dk, dv, table_partial, dense_grad);
   };
-  with_lanes(p.d, [&](auto lanes) { run(attention_bwd_kernel<scalar_t, decltype(lanes)::value>); });
+  if constexpr (kTensorCores<scalar_t>) {
+    if (layout.tensor_cores) {
+      with_width<64>(p.d, [&](auto wd) {
+        with_width<64>(p.dv, [&](auto wdv) {
+          run(attention_bwd_mma_kernel<scalar_t, decltype(wd)::value, decltype(wdv)::value>, kMmaThreads);
+        });
+      });
+      return;
+    }
+  }
+  with_lanes(p.d, [&](auto lanes) { run(attention_bwd_kernel<scalar_t, decltype(lanes)::value>, kThreads); });
 }
 
 }  // namespace vitkern::attn

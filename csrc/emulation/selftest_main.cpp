@@ -525,7 +525,7 @@ bool run_attention_case(const AttentionCase& c, std::mt19937& rng) {
 
   std::vector<float> out(pairs * c.nq * c.dv), lse(pairs * c.nq);
   at_::launch_fwd<float>(p, q.data(), k.data(), v.data(), out.data(), lse.data(), nullptr);
-  const at_::BwdLayout layout = at_::plan_bwd(c.nk, c.d, c.dv);
+  const at_::BwdLayout layout = at_::plan_bwd<float>(c.nk, c.d, c.dv);
   const int64_t per_chunk = (c.batch + c.chunks - 1) / c.chunks;
   std::vector<float> dq_partial(layout.key_tiles * pairs * c.nq * c.d, 0.0f), dk(pairs * c.nk * c.d),
       dv(pairs * c.nk * c.dv);

@@ -18,9 +18,9 @@ implementation runs the call, and run it:
 
 ``auto`` on CUDA tensors chooses per shape (:func:`_auto_order`): the CUDA C++ kernel for fp32 inputs whose keys
 fit its resident key tile (Nk <= ``CUDA_RESIDENT_KEYS``), where both families compute exact fp32 products and the
-CUDA C++ kernel reads K and V once per (batch, head); Triton otherwise (fp16 and bf16 run on tensor cores there, and
-it streams long sequences). The rule is set from the kernels' designs, not from a measurement on a GPU; it is to be
-revisited when a GPU measures both (``benchmarks/``).
+CUDA C++ kernel reads K and V once per (batch, head); Triton otherwise (it streams long sequences; fp16 and bf16 run
+on tensor cores in both families). The rule is set from the kernels' designs, not from a measurement on a GPU; it is
+to be revisited when a GPU measures both (``benchmarks/``).
 
 The kernel contract is in :mod:`vitkern.kernels.contract`.
 """
