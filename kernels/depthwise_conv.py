@@ -12,6 +12,10 @@ Kernels:
 * ``_dwconv_fwd_kernel``: the convolution and the whole epilogue, one program per tile of output pixels (x a
   block of channels for channels_last) of one image; a runtime loop over blocks of BLOCK_T taps gathers a
   (taps, pixels, channels) tile per step, so the kernel size is not a compile-time constant.
+* ``_dwconv_fwd_rows_kernel``: the same for NCHW fp16/bf16 at stride 1 with "same" padding and a square kernel of
+  3, 5, 7 or 9, on tensor cores: a 16 x 32 output tile is one product of the input rows it reads, laid side by
+  side, and a banded weight matrix built once per program for all the images it runs. Where gz is dy itself (no
+  activation, no scale) it also gives dx, the convolution of gz with the weights flipped.
 * ``_dwconv_bwd_epilogue_kernel``: ``gz = dy * scale * act'(z)`` (the gradient of the pre-activation) and
   per-channel partial sums of gz (bias), ``dy * act(z)`` (scale) and dy (shift) over a fixed split of the
   (image, pixel block) range; the partials are summed in a fixed order afterwards, so the result is deterministic.
@@ -44,6 +48,19 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 # the channels (else the last).
 NCHW_TILES = ((16, 64, 1, 2), (16, 128, 1, 4))
 CHANNELS_LAST_TILES = ((8, 16, 16, 4), (16, 4, 32, 4))
+# The forward's tensor-core row kernel (_dwconv_fwd_rows_kernel), which also gives dx where gz is dy itself: NCHW
+# fp16/bf16 at stride 1, dilation 1 and "same" padding with a square kernel of one of ROW_SIZES. (BLOCK_R, BLOCK_W,
+# num_warps) = ROW_TILE, tiles of BLOCK_R x BLOCK_W outputs. Where the width is a multiple of ROW_ALIGN the input
+# windows start ROW_ALIGN columns left of the tile, on ROW_ALIGN-element boundaries, and rows load in vectors of
+# that many elements; elsewhere the windows start where the padding says (the narrowest) and load element by
+# element (:func:`row_window`). A program runs over up to ROW_IMAGES images of its tile (its weight matrix built
+# once for all of them), fewer where the grid would otherwise have under ROW_MIN_PROGRAMS programs.
+ROW_SIZES = (3, 5, 7, 9)
+ROW_TILE = (16, 32, 4)
+ROW_ALIGN = 4
+ROW_IMAGES = 16
+ROW_MIN_PROGRAMS = 1024
+ROW_DTYPES = (torch.float16, torch.bfloat16)
 # (BLOCK_P, BLOCK_C, num_warps) of the epilogue backward, by layout.
 EPILOGUE_BWD_TILE = {False: (256, 1, 4), True: (16, 32, 4) if NARROW_TILES else (32, 32, 4)}
 # The reductions split the (image, pixel block) range until the grid has about TARGET_PROGRAMS programs, keeping
@@ -190,21 +207,226 @@ def _dwconv_fwd_kernel(
         ok = pc_mask & t_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         xv = tl.load(x_base + ih * stride_xh + iw * stride_xw, mask=ok, other=0.0)
         acc += xv.to(tl.float32) * _tap_weights(w_base, t, t_mask, c_mask, stride_wt)
-    out = tl.sum(acc, axis=0)
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     y_off = _image_offsets(n, c, oh, ow, stride_yn, stride_yc, stride_yh, stride_yw)
-    mask = p_mask[:, None] & c_mask[None, :]
+    _fwd_epilogue(
+        tl.sum(acc, axis=0),
+        c[None, :],
+        c_mask[None, :],
+        bias_ptr,
+        scale_ptr,
+        shift_ptr,
+        res_ptr,
+        y_ptr,
+        z_ptr,
+        y_off,
+        p_mask[:, None] & c_mask[None, :],
+        HAS_BIAS,
+        HAS_SCALE,
+        HAS_SHIFT,
+        HAS_RESIDUAL,
+        ACTIVATION,
+        SAVE_Z,
+    )
+
+
+@triton.jit
+def _fwd_epilogue(
+    out,
+    c,
+    c_mask,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    res_ptr,
+    y_ptr,
+    z_ptr,
+    y_off,
+    mask,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    SAVE_Z: tl.constexpr,
+):
+    """Store act(out + bias) * scale + shift + residual at y_off (and out + bias as z when SAVE_Z); out is the fp32
+    convolution, c the channels it belongs to (broadcastable to it, c_mask alike), mask the outputs in bounds."""
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     if SAVE_Z:
         tl.store(z_ptr + y_off, out.to(z_ptr.dtype.element_ty), mask=mask)
     out = _activation(out, ACTIVATION)
     if HAS_SCALE:
-        out = out * tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        out = out * tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     if HAS_SHIFT:
-        out += tl.load(shift_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        out += tl.load(shift_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         out += tl.load(res_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _toeplitz_chunk(w_plane, KH, KW, PAD_L, START: tl.constexpr, SIZE: tl.constexpr, K_W: tl.constexpr, BLOCK_W):
+    """Rows START .. START + SIZE - 1 of the row kernel's weight matrix T (KH * K_W, BLOCK_W): row k = kh * K_W + u
+    takes input column iw0 + u for output column ow0 + j through tap kw = u - j + PAD_L - (K_W - BLOCK_W) // 2,
+    T[k, j] = w[kh, kw], zero where kw or kh is off the kernel."""
+    k = START + tl.arange(0, SIZE)
+    kh = k // K_W
+    kw = (k - kh * K_W)[:, None] - tl.arange(0, BLOCK_W)[None, :] + (PAD_L - (K_W - BLOCK_W) // 2)
+    ok = (kh < KH)[:, None] & (kw >= 0) & (kw < KW)
+    return tl.load(w_plane + (kh * KW)[:, None] + kw, mask=ok, other=0.0)
+
+
+@triton.jit
+def _input_chunk(
+    x_plane, ih0, iw0, H, W, stride_xh, KH, START: tl.constexpr, SIZE: tl.constexpr, K_W: tl.constexpr, BLOCK_R
+):
+    """Columns START .. START + SIZE - 1 of the row kernel's input matrix X (BLOCK_R, KH * K_W): X[r, kh * K_W + u] =
+    x[ih0 + r + kh, iw0 + u], zero outside the image (and for kh >= KH)."""
+    k = START + tl.arange(0, SIZE)
+    kh = k // K_W
+    iw = iw0 + k - kh * K_W
+    ih = ih0 + tl.arange(0, BLOCK_R)[:, None] + kh[None, :]
+    ok = (ih >= 0) & (ih < H) & ((iw >= 0) & (iw < W) & (kh < KH))[None, :]
+    return tl.load(x_plane + ih * stride_xh + iw[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def _dwconv_fwd_rows_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    res_ptr,
+    y_ptr,
+    z_ptr,
+    N,
+    C,
+    H,
+    W,
+    OH,
+    OW,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_yn,
+    stride_yc,
+    stride_yh,
+    stride_wc,
+    images_per_program,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    SAVE_Z: tl.constexpr,
+    PAD_T: tl.constexpr,
+    PAD_L: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    ALIGN: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """The forward of :func:`_dwconv_fwd_kernel` for NCHW fp16/bf16 at stride 1 and dilation 1, KH x KW and the
+    padding known at compile time, on tensor cores: a tile of output rows is one matrix product per image.
+
+    Grid: (C * cdiv(OH, BLOCK_R) * cdiv(OW, BLOCK_W), cdiv(N, images_per_program)). A program owns output rows
+    oh0 .. oh0 + BLOCK_R - 1 and columns ow0 .. ow0 + BLOCK_W - 1 of channel c and runs over its images. The input
+    window of each kernel row kh, columns iw0 = ow0 - ALIGN .. iw0 + K_W - 1 (K_W = BLOCK_W + 2 * ALIGN: every
+    column the tile reads, as PAD_L and KW - 1 - PAD_L are at most ALIGN), is laid side by side along K:
+    ``y[oh0 + r, ow0 + j] = (X @ T)[r, j]`` with X[r, kh * K_W + u] = x[oh0 - PAD_T + r + kh, iw0 + u] and T the
+    banded (Toeplitz) weight matrix of :func:`_toeplitz_chunk`. T depends on the channel only: it is built once per
+    program and stays in registers across the images, so a step reads the input tile (in vectors of VEC elements,
+    which the launcher passes where the width and ALIGN are multiples of VEC) and runs the product. K = KH * K_W,
+    rounded up to a multiple of 16 (the extra rows zero), is cut into chunks of powers of two (at most one of each,
+    below 512). The products of 2-byte values are exact
+    in fp32 and accumulate in fp32; T is zero off the band, so an inf or NaN input reaches the outputs of its whole
+    tile (0 * inf), as in an FFT or Winograd convolution; finite inputs give the direct sum. x_ptr: (N, C, H, W)
+    with unit column stride; w_ptr: (C, KH * KW) rows of stride_wc; y_ptr, z_ptr, res_ptr: (N, C, OH, OW) with unit
+    column stride and the strides stride_y*.
+    """
+    K_W: tl.constexpr = BLOCK_W + 2 * ALIGN
+    # NCHW-contiguous x and y of a width that VEC divides: every row, plane and image starts on a VEC boundary
+    # and a row's bounds split no vector. Written as multiples of VEC, which the compiler's alignment analysis
+    # reads (the values are unchanged).
+    W = W // VEC * VEC
+    OW = OW // VEC * VEC
+    stride_xn = stride_xn // VEC * VEC
+    stride_xc = stride_xc // VEC * VEC
+    stride_xh = stride_xh // VEC * VEC
+    stride_yn = stride_yn // VEC * VEC
+    stride_yc = stride_yc // VEC * VEC
+    stride_yh = stride_yh // VEC * VEC
+    K: tl.constexpr = (KH * K_W + 15) // 16 * 16
+    tl.static_assert(K < 512)
+    tl.static_assert(PAD_L <= ALIGN and KW - 1 - PAD_L <= ALIGN)
+    S128: tl.constexpr = K & 256
+    S64: tl.constexpr = S128 + (K & 128)
+    S32: tl.constexpr = S64 + (K & 64)
+    S16: tl.constexpr = S32 + (K & 32)
+    pid = tl.program_id(0)
+    num_w = tl.cdiv(OW, BLOCK_W)
+    num_tiles = tl.cdiv(OH, BLOCK_R) * num_w
+    c = pid // num_tiles
+    tile = pid - c * num_tiles
+    oh0 = (tile // num_w) * BLOCK_R
+    ow0 = (tile - (tile // num_w) * num_w) * BLOCK_W
+    ih0 = oh0 - PAD_T
+    iw0 = ow0 - ALIGN
+    w_plane = w_ptr + c * stride_wc
+    if K & 256:
+        t256 = _toeplitz_chunk(w_plane, KH, KW, PAD_L, 0, 256, K_W, BLOCK_W)
+    if K & 128:
+        t128 = _toeplitz_chunk(w_plane, KH, KW, PAD_L, S128, 128, K_W, BLOCK_W)
+    if K & 64:
+        t64 = _toeplitz_chunk(w_plane, KH, KW, PAD_L, S64, 64, K_W, BLOCK_W)
+    if K & 32:
+        t32 = _toeplitz_chunk(w_plane, KH, KW, PAD_L, S32, 32, K_W, BLOCK_W)
+    if K & 16:
+        t16 = _toeplitz_chunk(w_plane, KH, KW, PAD_L, S16, 16, K_W, BLOCK_W)
+    oh = oh0 + tl.arange(0, BLOCK_R)
+    ow = ow0 + tl.arange(0, BLOCK_W)
+    y_pix = (oh * stride_yh)[:, None] + ow[None, :]
+    y_mask = (oh < OH)[:, None] & (ow < OW)[None, :]
+    n0 = tl.program_id(1) * images_per_program
+    x_plane = x_ptr + n0.to(tl.int64) * stride_xn + c.to(tl.int64) * stride_xc
+    y_plane = n0.to(tl.int64) * stride_yn + c.to(tl.int64) * stride_yc
+    for _ in range(n0, tl.minimum(n0 + images_per_program, N)):
+        acc = tl.zeros((BLOCK_R, BLOCK_W), dtype=tl.float32)
+        if K & 256:
+            acc = tl.dot(_input_chunk(x_plane, ih0, iw0, H, W, stride_xh, KH, 0, 256, K_W, BLOCK_R), t256, acc)
+        if K & 128:
+            acc = tl.dot(_input_chunk(x_plane, ih0, iw0, H, W, stride_xh, KH, S128, 128, K_W, BLOCK_R), t128, acc)
+        if K & 64:
+            acc = tl.dot(_input_chunk(x_plane, ih0, iw0, H, W, stride_xh, KH, S64, 64, K_W, BLOCK_R), t64, acc)
+        if K & 32:
+            acc = tl.dot(_input_chunk(x_plane, ih0, iw0, H, W, stride_xh, KH, S32, 32, K_W, BLOCK_R), t32, acc)
+        if K & 16:
+            acc = tl.dot(_input_chunk(x_plane, ih0, iw0, H, W, stride_xh, KH, S16, 16, K_W, BLOCK_R), t16, acc)
+        _fwd_epilogue(
+            acc,
+            c,
+            c < C,
+            bias_ptr,
+            scale_ptr,
+            shift_ptr,
+            res_ptr,
+            y_ptr,
+            z_ptr,
+            y_plane + y_pix,
+            y_mask,
+            HAS_BIAS,
+            HAS_SCALE,
+            HAS_SHIFT,
+            HAS_RESIDUAL,
+            ACTIVATION,
+            SAVE_Z,
+        )
+        x_plane += stride_xn
+        y_plane += stride_yn
 
 
 @triton.jit
@@ -478,6 +700,37 @@ def conv_tile(pixels: int, channels: int, channels_last: bool) -> tuple[int, int
     return _pick_tile(NCHW_TILES, pixels, 1)
 
 
+def uses_row_kernel(
+    x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int]
+) -> bool:
+    """Whether the forward's row kernel runs this call; the general kernel runs the others: channels_last, fp32, a
+    stride or dilation above 1, a kernel size outside ROW_SIZES, or a padding other than "same" ((k - 1) / 2 on
+    every side, a compile-time constant of the row kernel)."""
+    kh, kw = weight.shape[2], weight.shape[3]
+    return (
+        not _is_channels_last(x)
+        and x.dtype in ROW_DTYPES
+        and tuple(stride) == (1, 1)
+        and tuple(dilation) == (1, 1)
+        and kh == kw
+        and kh in ROW_SIZES
+        and list(padding) == [(kh - 1) // 2] * 4
+    )
+
+
+def row_window(width: int, size: int) -> tuple[int, int]:
+    """The row kernel's (ALIGN, VEC) for images ``width`` wide and a size x size kernel ("same" padding): windows
+    ROW_ALIGN columns wide on each side and rows read in vectors of ROW_ALIGN elements where the width is a multiple
+    of ROW_ALIGN, else the narrowest window and single elements."""
+    return (ROW_ALIGN, ROW_ALIGN) if width % ROW_ALIGN == 0 else ((size - 1) // 2, 1)
+
+
+def row_images_per_program(images: int, tiles: int) -> int:
+    """Images each program of the row kernel runs (its weight matrix built once for them): ROW_IMAGES, fewer where
+    the grid would have under ROW_MIN_PROGRAMS programs, at least 1."""
+    return max(1, min(ROW_IMAGES, images, images * tiles // ROW_MIN_PROGRAMS))
+
+
 def split_count(iterations: int, programs: int) -> int:
     """How many parts a reduction over ``iterations`` (image, pixel block) steps is split into, given ``programs``
     programs per split: up to about TARGET_PROGRAMS programs, with at least MIN_SPLIT_ITERATIONS iterations each.
@@ -509,6 +762,55 @@ def _weight_view(weight: torch.Tensor, channels_last: bool) -> tuple[torch.Tenso
     return weight, taps, 1
 
 
+_EPILOGUE_FLAGS = ("HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "HAS_RESIDUAL", "ACTIVATION", "SAVE_Z")
+
+
+def _fwd_rows(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    epilogue_tensors: tuple[torch.Tensor, ...],
+    y: torch.Tensor,
+    z: torch.Tensor,
+    epilogue: dict[str, int],
+) -> None:
+    """Launch the row kernel: y (and z) = the "same" convolution of NCHW x with weight (C, 1, k, k), and the
+    epilogue of the flags in ``epilogue`` with (bias, scale, shift, residual) = ``epilogue_tensors``."""
+    n, channels, height, width = x.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    size = weight.shape[2]
+    block_r, block_w, warps = ROW_TILE
+    tiles = channels * triton.cdiv(out_h, block_r) * triton.cdiv(out_w, block_w)
+    images = row_images_per_program(n, tiles)
+    align, vec = row_window(width, size)
+    _dwconv_fwd_rows_kernel[(tiles, triton.cdiv(n, images))](
+        x,
+        weight,
+        *epilogue_tensors,
+        y,
+        z,
+        n,
+        channels,
+        height,
+        width,
+        out_h,
+        out_w,
+        *x.stride()[:3],
+        *y.stride()[:3],
+        weight.stride(0),
+        images,
+        **epilogue,
+        PAD_T=(size - 1) // 2,
+        PAD_L=(size - 1) // 2,
+        KH=size,
+        KW=size,
+        BLOCK_R=block_r,
+        BLOCK_W=block_w,
+        ALIGN=align,
+        VEC=vec,
+        num_warps=warps,
+    )
+
+
 def depthwise_conv2d_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -538,9 +840,15 @@ def depthwise_conv2d_fwd(
         return y, z
     channels_last = _is_channels_last(x)
     w, stride_wc, stride_wt = _weight_view(weight, channels_last)
-    block_t, block_p, block_c, warps = conv_tile(out_h * out_w, channels, channels_last)
-    grid = (n * triton.cdiv(channels, block_c) * triton.cdiv(out_h * out_w, block_p),)
-    _dwconv_fwd_kernel[grid](
+    epilogue = {
+        "HAS_BIAS": bias is not None,
+        "HAS_SCALE": scale is not None,
+        "HAS_SHIFT": shift is not None,
+        "HAS_RESIDUAL": residual is not None,
+        "ACTIVATION": activation,
+        "SAVE_Z": save_z,
+    }
+    tensors = (
         x,
         w,
         x if bias is None else bias,
@@ -549,6 +857,14 @@ def depthwise_conv2d_fwd(
         y if residual is None else residual,
         y,
         z if save_z else y,
+    )
+    if uses_row_kernel(x, weight, stride, padding, dilation):
+        _fwd_rows(x, weight, tensors[2:6], y, z if save_z else y, epilogue)
+        return y, z
+    block_t, block_p, block_c, warps = conv_tile(out_h * out_w, channels, channels_last)
+    grid = (n * triton.cdiv(channels, block_c) * triton.cdiv(out_h * out_w, block_p),)
+    _dwconv_fwd_kernel[grid](
+        *tensors,
         channels,
         height,
         width,
@@ -559,12 +875,7 @@ def depthwise_conv2d_fwd(
         stride_wc,
         stride_wt,
         *_conv_args(weight, stride, padding, dilation),
-        HAS_BIAS=bias is not None,
-        HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None,
-        HAS_RESIDUAL=residual is not None,
-        ACTIVATION=activation,
-        SAVE_Z=save_z,
+        **epilogue,
         **_tile_constexprs(channels_last, block_t, block_p, block_c),
         num_warps=warps,
     )
@@ -644,7 +955,12 @@ def depthwise_conv2d_bwd(
                     grad.copy_(sums[i])
 
     conv_args = _conv_args(weight, stride, padding, dilation)
-    if need_dx:
+    if need_dx and gz.dtype == x.dtype and uses_row_kernel(x, weight, stride, padding, dilation):
+        # At stride 1 with "same" padding of an odd kernel, dx is the "same" convolution of gz with the weights
+        # flipped: the forward's row kernel, without an epilogue.
+        bare = {**dict.fromkeys(_EPILOGUE_FLAGS, False), "ACTIVATION": 0}
+        _fwd_rows(gz, torch.flip(weight, (2, 3)), (gz,) * 4, dx, dx, bare)
+    elif need_dx:
         w, stride_wc, stride_wt = _weight_view(weight, channels_last)
         block_t, block_p, block_c, warps = conv_tile(height * width, channels, channels_last)
         grid = (n * triton.cdiv(channels, block_c) * triton.cdiv(height * width, block_p),)
@@ -737,6 +1053,36 @@ def _fwd_specs(dtype: str) -> list[KernelSpec]:
     return specs
 
 
+def _fwd_rows_specs(dtype: str) -> list[KernelSpec]:
+    if dtype not in {TRITON_DTYPES[t] for t in ROW_DTYPES}:
+        return []
+    ptr = f"*{dtype}"
+    signature = {
+        **dict.fromkeys(("x_ptr", "w_ptr", "bias_ptr", "scale_ptr", "shift_ptr", "res_ptr", "y_ptr", "z_ptr"), ptr),
+        **_i32(("N",) + _CONV_SHAPE_ARGS + _X_STRIDES[:3] + _Y_STRIDES[:3] + ("stride_wc", "images_per_program")),
+    }
+    block_r, block_w, warps = ROW_TILE
+    specs = []
+    for size in ROW_SIZES:
+        for align, vec in (row_window(ROW_ALIGN, size), row_window(1, size)):
+            # The whole epilogue with GELU (the worst case) and the bare convolution (dx too).
+            for epilogue in (True, False):
+                constexprs = {
+                    **dict.fromkeys(("HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "HAS_RESIDUAL", "SAVE_Z"), epilogue),
+                    "ACTIVATION": 1 if epilogue else 0,
+                    "PAD_T": (size - 1) // 2,
+                    "PAD_L": (size - 1) // 2,
+                    "KH": size,
+                    "KW": size,
+                    "BLOCK_R": block_r,
+                    "BLOCK_W": block_w,
+                    "ALIGN": align,
+                    "VEC": vec,
+                }
+                specs.append(KernelSpec("dwconv_fwd_rows", _dwconv_fwd_rows_kernel, signature, constexprs, warps))
+    return specs
+
+
 def _epilogue_bwd_specs(dtype: str) -> list[KernelSpec]:
     signature = {
         "dy_ptr": f"*{dtype}",
@@ -803,6 +1149,6 @@ def report_specs() -> list[KernelSpec]:
     specs = []
     for torch_dtype in REPORT_DTYPES:
         dtype = TRITON_DTYPES[torch_dtype]
-        for make in (_fwd_specs, _epilogue_bwd_specs, _input_bwd_specs, _weight_bwd_specs):
+        for make in (_fwd_specs, _fwd_rows_specs, _epilogue_bwd_specs, _input_bwd_specs, _weight_bwd_specs):
             specs += [dataclasses.replace(spec, meta={"dtype": dtype}) for spec in make(dtype)]
     return specs

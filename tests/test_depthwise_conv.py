@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import vitkern
 from vitkern import _tuning
 from vitkern.dispatch import Call
+from vitkern.kernels import depthwise_conv as dwk
 from vitkern.ops.depthwise_conv import REGISTRY
 from vitkern.ops.depthwise_conv import depthwise_conv2d
 from vitkern.testing import assert_close
@@ -290,6 +291,66 @@ def test_input_off_a_vector_boundary(backend, layout):
 def test_fp16(backend, kernel, stride, layout):
     inputs = make_inputs((2, 4, 11, 9), kernel, stride, dtype=torch.float16, layout=layout)
     check_op(backend, inputs, stride=stride, activation="gelu")
+
+
+@pytest.mark.parametrize("size", dwk.ROW_SIZES)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param((2, 3, 20, 37), id="20x37"),  # two runs of rows, two column blocks, 2 images in a program
+        pytest.param((9, 1, 21, 28), id="9x21x28"),  # rows in vectors, programs of 8 images and of 1
+    ],
+)
+def test_fp16_row_kernel(monkeypatch, size, shape):
+    """The forward's tensor-core row kernel (NCHW fp16, stride 1, "same" padding): every kernel size it takes, tiles
+    cut by the image edges, both input windows, programs over several images, the whole epilogue, and the
+    gradients through the z it saves."""
+    monkeypatch.setattr(dwk, "ROW_MIN_PROGRAMS", 1)  # as many images a program as ROW_IMAGES allows
+    inputs = make_inputs(shape, (size, size), dtype=torch.float16)
+    assert dwk.uses_row_kernel(inputs["x"], inputs["weight"], [1, 1], [(size - 1) // 2] * 4, [1, 1])
+    check_op("triton", inputs, activation="gelu")
+
+
+@pytest.mark.parametrize("size", dwk.ROW_SIZES)
+def test_fp16_row_kernel_dx(size):
+    """Without an activation or scale, gz is dy itself (fp16) and dx runs on the row kernel with the weights
+    flipped: dx, dweight and the bias and shift gradients against the expected side."""
+    inputs = make_inputs((2, 3, 19, 35), (size, size), dtype=torch.float16)
+    del inputs["scale"]
+    check_op("triton", inputs)
+
+
+def test_row_kernel_window_holds_every_size():
+    """The input window of a tile reaches ALIGN columns past it on each side: enough for every padding it takes."""
+    for size in dwk.ROW_SIZES:
+        for width in (28, 30):
+            align, vec = dwk.row_window(width, size)
+            assert (size - 1) // 2 <= align and width % vec == 0 and align % vec == 0
+
+
+def test_row_kernel_images_per_program():
+    """Up to ROW_IMAGES images a program, fewer where the grid would be small, never none."""
+    assert dwk.row_images_per_program(64, 3072) == dwk.ROW_IMAGES
+    assert dwk.row_images_per_program(64, 96) == 6  # 64 * 96 // 1024
+    assert dwk.row_images_per_program(2, 6) == 1
+    assert dwk.row_images_per_program(3, 10**6) == 3
+
+
+@pytest.mark.parametrize(
+    "size, stride, padding, dtype, layout",
+    [
+        pytest.param(7, 1, [2, 2, 3, 3], torch.float16, NCHW, id="not-same"),
+        pytest.param(7, 2, [3, 3, 3, 3], torch.float16, NCHW, id="stride2"),
+        pytest.param(11, 1, [5, 5, 5, 5], torch.float16, NCHW, id="11x11"),
+        pytest.param(7, 1, [3, 3, 3, 3], torch.float32, NCHW, id="fp32"),
+        pytest.param(7, 1, [3, 3, 3, 3], torch.float16, CHANNELS_LAST, id="channels_last"),
+    ],
+)
+def test_row_kernel_takes_only_its_calls(size, stride, padding, dtype, layout):
+    """Calls outside the row kernel's set go to the general forward (whose results the other tests check)."""
+    x = torch.empty((1, 2, 9, 9), dtype=dtype).to(memory_format=layout)
+    weight = torch.empty((2, 1, size, size), dtype=dtype)
+    assert not dwk.uses_row_kernel(x, weight, [stride, stride], padding, [1, 1])
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

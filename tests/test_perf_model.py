@@ -244,7 +244,7 @@ def _conv_launches(name: str, dtype=torch.float16, layout=torch.contiguous_forma
 
 
 def test_triton_launches_as_the_launcher_makes_them():
-    _, calls = _conv_launches("convnext_t_stage2")
+    _, calls = _conv_launches("convnext_t_stage2", dtype=torch.float32)
     names = [call.fn.__name__ for call in calls]
     # bias only: the epilogue backward reduces dbias, then dx and dweight
     assert names == [
@@ -258,10 +258,43 @@ def test_triton_launches_as_the_launcher_makes_them():
     assert (spec.constexprs["BLOCK_T"], spec.constexprs["BLOCK_P"], spec.constexprs["BLOCK_C"]) == (16, 128, 1)
     assert spec.num_warps == 4
     assert calls[0].grid == (64 * 192 * 7,)
+    assert perf_model._triton_dwconv(calls[0])[1] == 64 * 192 * 7 * 4  # 49 taps in 4 blocks of 16
     # unit strides and stride 1 become constants, 192 channels and the 16-divisible strides are marked divisible
     assert spec.constexprs["stride_xw"] == 1 and spec.constexprs["STRIDE_H"] == 1
     assert "C" in spec.aligned and "stride_xc" in spec.aligned and "H" not in spec.aligned
-    assert spec.signature["x_ptr"] == "*fp16" and "stride_xw" not in spec.signature
+    assert spec.signature["x_ptr"] == "*fp32" and "stride_xw" not in spec.signature
+
+
+def test_triton_row_kernel_launches():
+    """fp16 NCHW at stride 1 with "same" padding: the forward and dx (gz is dy itself without an activation) run on
+    the row kernel, in tiles of 16 rows and 32 columns of the 28 x 28 maps."""
+    _, calls = _conv_launches("convnext_t_stage2")
+    names = [call.fn.__name__ for call in calls]
+    assert names == [
+        "_dwconv_fwd_rows_kernel",
+        "_dwconv_bwd_epilogue_kernel",
+        "_dwconv_fwd_rows_kernel",
+        "_dwconv_bwd_weight_kernel",
+    ]
+    for call in (calls[0], calls[2]):
+        spec = perf_model.launch_spec(call)
+        keys = ("KH", "KW", "PAD_T", "PAD_L", "BLOCK_R", "BLOCK_W", "ALIGN", "VEC")
+        assert {k: spec.constexprs[k] for k in keys} == {
+            "KH": 7,
+            "KW": 7,
+            "PAD_T": 3,
+            "PAD_L": 3,
+            "BLOCK_R": 16,
+            "BLOCK_W": 32,
+            "ALIGN": 4,  # 28 columns: rows in vectors of 4 elements, windows 4 columns past the tile
+            "VEC": 4,
+        }
+        # 192 channels x 2 runs of rows x 1 column block; 16 images a program: 4 image groups
+        assert call.grid == (192 * 2, 4) and call.args["images_per_program"] == 16
+        work, iterations = perf_model._triton_dwconv(call)
+        assert iterations == 192 * 2 * 64  # the image loop: once per image of each tile
+        assert work.macs == 64 * 192 * 28 * 28 * 49
+    assert (calls[0].kernel, calls[2].kernel) == ("dwconv_fwd_rows", "dwconv_bwd_input_rows")
 
 
 def test_floors_by_hand():
@@ -273,7 +306,7 @@ def test_floors_by_hand():
     assert work.read_bytes == 2 * (2 * maps + 1536 * 81 + 3 * 1536)
     assert work.write_bytes == 2 * 2 * maps
     assert work.macs == maps * 81
-    assert iterations == 64 * 1536 * 8 * 6  # 1024 pixels in 8 blocks of 128, 81 taps in 6 blocks of 16
+    assert calls[0].fn.__name__ == "_dwconv_fwd_rows_kernel" and iterations == 1536 * 2 * 64
     launch = perf_model.Launch(
         "fwd", perf_model.Code(_sass.Mix.of([]), _sass.Mix.of([]), 32, 0), 1, 4, 0, 0.0, False, work
     )
@@ -330,8 +363,8 @@ def test_quick_model_runs(quick_rows):
     assert rows and all(tuple(row)[: len(keys)] == keys for row in rows)
     triton_kernels = {row["kernel"] for row in rows if row["backend"] == "triton"}
     assert {
-        "dwconv_fwd",
-        "dwconv_bwd_input",
+        "dwconv_fwd_rows",
+        "dwconv_bwd_epilogue",
         "dwconv_bwd_weight",
         "attention_fwd",
         "attention_bwd_dq",

@@ -14,7 +14,8 @@ format and backend, one training step's kernel launches (forward, then every bac
   instance, grid, block and dynamic shared memory; the SASS is that function's in ``vitkern/_C*.so``.
 * **Instruction mix.** ``cuobjdump -sass`` of the function; loops are backward branches, the hot loop the one whose
   own body (nested loops left out) does the most multiply-adds (:mod:`vitkern.tools._sass`). The table's FMA share
-  is the hot loop's.
+  is the hot loop's (a kernel without a loop, straight-line code such as the forward's unrolled row kernel: its
+  whole body's).
 * **What executes, Triton.** The hot loop's iterations over the whole grid, from the loop bounds the kernel source
   gives and the launch arguments: ``cdiv(KH*KW, BLOCK_T)`` per program for the depthwise forward and dx,
   ``N * cdiv(P, BLOCK_P)`` per channel (and tap) block for the split reductions (epilogue backward, dweight),
@@ -359,6 +360,11 @@ class TritonCall:
     grid: tuple[int, ...]
     args: dict[str, Any]
     options: dict[str, Any]
+    label: str = ""  # the table's kernel name where it is not the function's (a kernel serving two roles)
+
+    @property
+    def kernel(self) -> str:
+        return self.label or self.fn.__name__.strip("_").removesuffix("_kernel")
 
 
 _OPTION_NAMES = ("num_warps", "num_stages", "maxnreg", "num_ctas")
@@ -511,22 +517,17 @@ def _triton_dwconv(call: TritonCall) -> tuple[Work, float]:
     a = call.args
     programs = math.prod(call.grid)
     name = call.fn.__name__
-    if name == "_dwconv_fwd_kernel":
-        reads = ["x_ptr", "w_ptr"] + [
-            f"{v}_ptr"
-            for v, flag in (
-                ("bias", "HAS_BIAS"),
-                ("scale", "HAS_SCALE"),
-                ("shift", "HAS_SHIFT"),
-                ("res", "HAS_RESIDUAL"),
-            )
-            if a[flag]
-        ]
+    if name in ("_dwconv_fwd_kernel", "_dwconv_fwd_rows_kernel"):
+        flags = (("bias", "HAS_BIAS"), ("scale", "HAS_SCALE"), ("shift", "HAS_SHIFT"), ("res", "HAS_RESIDUAL"))
+        reads = ["x_ptr", "w_ptr"] + [f"{v}_ptr" for v, flag in flags if a[flag]]
         writes = ["y_ptr"] + (["z_ptr"] if a["SAVE_Z"] else [])
-        macs = a["y_ptr"].numel() * a["KH"] * a["KW"]
-        return Work(_tensor_bytes(a, reads), _tensor_bytes(a, writes), macs, "fp32"), programs * _cdiv(
-            a["KH"] * a["KW"], a["BLOCK_T"]
-        )
+        work = Work(_tensor_bytes(a, reads), _tensor_bytes(a, writes), a["y_ptr"].numel() * a["KH"] * a["KW"], "fp32")
+        if name == "_dwconv_fwd_rows_kernel":
+            # the hot loop runs once per image of each program's range
+            tiles, groups = call.grid
+            per = a["images_per_program"]
+            return work, tiles * sum(min(per, a["N"] - g * per) for g in range(groups))
+        return work, programs * _cdiv(a["KH"] * a["KW"], a["BLOCK_T"])
     if name == "_dwconv_bwd_epilogue_kernel":
         reads = (
             ["dy_ptr"]
@@ -651,6 +652,7 @@ def conv_calls(shape: ConvShape, dtype: torch.dtype, layout: torch.memory_format
         y, z = module.depthwise_conv2d_fwd(
             x, weight, vector, scale, shift, residual, stride, padding, dilation, activation, epilogue
         )
+        forward_launches = len(calls)
         module.depthwise_conv2d_bwd(
             torch.empty_like(y),
             x,
@@ -663,6 +665,9 @@ def conv_calls(shape: ConvShape, dtype: torch.dtype, layout: torch.memory_format
             activation,
             [True, True, True, epilogue, epilogue],
         )
+    for call in calls[forward_launches:]:
+        if call.fn.__name__ == "_dwconv_fwd_rows_kernel":
+            call.label = "dwconv_bwd_input_rows"  # dx: the forward's row kernel on gz with the weights flipped
     return calls
 
 
@@ -1095,7 +1100,7 @@ def launch_rows(launch: Launch, base: dict[str, str], devices: Sequence[str]) ->
                 device=device,
                 floor_us=figures["floor_us"],
                 estimate_us=figures["estimate_us"],
-                fma_share=launch.code.hot.fma_share,
+                fma_share=(launch.code.hot if launch.code.hot.total else launch.code.rest).fma_share,
                 blocks_per_sm=launch.blocks_per_sm(),
                 memory_us=figures["memory_us"],
                 math_us=figures["math_us"],
@@ -1145,7 +1150,7 @@ def _triton_launches(case: Case) -> list[tuple[str, KernelSpec, Callable[[Code, 
 
         def make(code: Code, dynamic_shared: int, call=call, work=work, iterations=iterations, spec=spec) -> Launch:
             return Launch(
-                call.fn.__name__.strip("_").removesuffix("_kernel"),
+                call.kernel,
                 code,
                 math.prod(call.grid),
                 spec.num_warps,
