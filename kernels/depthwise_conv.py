@@ -14,8 +14,8 @@ Kernels:
   (taps, pixels, channels) tile per step, so the kernel size is not a compile-time constant.
 * ``_dwconv_fwd_rows_kernel``: the same for NCHW fp16/bf16 at stride 1 with "same" padding and a square kernel of
   3, 5, 7 or 9, on tensor cores: a 16 x 32 output tile is one product of the input rows it reads, laid side by
-  side, and a banded weight matrix built once per program for all the images it runs. Where gz is dy itself (no
-  activation, no scale) it also gives dx, the convolution of gz with the weights flipped.
+  side, and a banded weight matrix built once per program for all the images it runs. It also gives dx there, the
+  convolution of gz (stored in x's dtype) with the weights flipped.
 * ``_dwconv_bwd_epilogue_kernel``: ``gz = dy * scale * act'(z)`` (the gradient of the pre-activation) and
   per-channel partial sums of gz (bias), ``dy * act(z)`` (scale) and dy (shift) over a fixed split of the
   (image, pixel block) range; the partials are summed in a fixed order afterwards, so the result is deterministic.
@@ -25,7 +25,8 @@ Kernels:
   summed in a fixed order: no float atomics, bitwise reproducible.
 
 Every kernel reads and writes through strides, so NCHW and channels_last tensors take the same path; the
-``CHANNELS_LAST`` switch only fixes which stride is 1. Accumulation is fp32 whatever the storage dtype.
+``CHANNELS_LAST`` switch only fixes which stride is 1. Accumulation is fp32 whatever the storage dtype; the
+backward's gz buffer has the storage dtype, as dy.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkern.kernels._compat import NARROW_TILES
 from vitkern.kernels._specs import REPORT_DTYPES, TRITON_DTYPES, KernelSpec
 from vitkern.kernels.contract import ACTIVATION_CODES, memory_format, output_size
 
@@ -48,7 +48,7 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 # the channels (else the last).
 NCHW_TILES = ((16, 64, 1, 2), (16, 128, 1, 4))
 CHANNELS_LAST_TILES = ((8, 16, 16, 4), (16, 4, 32, 4))
-# The forward's tensor-core row kernel (_dwconv_fwd_rows_kernel), which also gives dx where gz is dy itself: NCHW
+# The forward's tensor-core row kernel (_dwconv_fwd_rows_kernel), which also gives dx from gz for the same calls: NCHW
 # fp16/bf16 at stride 1, dilation 1 and "same" padding with a square kernel of one of ROW_SIZES. (BLOCK_R, BLOCK_W,
 # num_warps) = ROW_TILE, tiles of BLOCK_R x BLOCK_W outputs. Where the width is a multiple of ROW_ALIGN the input
 # windows start ROW_ALIGN columns left of the tile, on ROW_ALIGN-element boundaries, and rows load in vectors of
@@ -61,8 +61,9 @@ ROW_ALIGN = 4
 ROW_IMAGES = 16
 ROW_MIN_PROGRAMS = 1024
 ROW_DTYPES = (torch.float16, torch.bfloat16)
-# (BLOCK_P, BLOCK_C, num_warps) of the epilogue backward, by layout.
-EPILOGUE_BWD_TILE = {False: (256, 1, 4), True: (16, 32, 4) if NARROW_TILES else (32, 32, 4)}
+# (BLOCK_P, BLOCK_C, num_warps) of the epilogue backward, by layout (channels_last at 16 x 32: at 32 x 32 the 2-byte
+# gz spilled on sm_90 with ReLU, and on triton 3.6 in fp32 too).
+EPILOGUE_BWD_TILE = {False: (256, 1, 4), True: (16, 32, 4)}
 # The reductions split the (image, pixel block) range until the grid has about TARGET_PROGRAMS programs, keeping
 # at least MIN_SPLIT_ITERATIONS iterations per split.
 TARGET_PROGRAMS = 1024
@@ -454,7 +455,8 @@ def _dwconv_bwd_epilogue_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """gz = dy * scale * act'(z) (fp32) and per-split partial sums of gz, dy * act(z) and dy per channel.
+    """gz = dy * scale * act'(z), computed in fp32 and stored in gz_ptr's dtype (dy's), and per-split partial sums
+    of gz, dy * act(z) and dy per channel (fp32).
 
     Grid: (cdiv(C, BLOCK_C) * num_splits,). dy_ptr, z_ptr, gz_ptr: (N, C, OH, OW) with strides stride_y*, P = OH * OW;
     scale_ptr: (C,); partial_ptr: (3, num_splits, C) fp32, rows bias, scale, shift. Split s covers the (image, pixel
@@ -920,7 +922,9 @@ def depthwise_conv2d_bwd(
     if reduce or (needs_gz and through_epilogue):
         store_gz = needs_gz and through_epilogue
         if store_gz:
-            gz = torch.empty(dy.shape, dtype=torch.float32, device=dy.device, memory_format=fmt)
+            # in the storage dtype, as dy: a 2-byte gz (rounded once from its fp32 value) keeps dx and dweight
+            # within the error bound of the same-dtype reference, and lets dx run on the row kernel
+            gz = torch.empty_like(dy, memory_format=fmt)
         block_p, block_c, warps = EPILOGUE_BWD_TILE[channels_last]
         pixel_blocks = triton.cdiv(out_h * out_w, block_p)
         channel_blocks = triton.cdiv(channels, block_c)
@@ -955,7 +959,7 @@ def depthwise_conv2d_bwd(
                     grad.copy_(sums[i])
 
     conv_args = _conv_args(weight, stride, padding, dilation)
-    if need_dx and gz.dtype == x.dtype and uses_row_kernel(x, weight, stride, padding, dilation):
+    if need_dx and uses_row_kernel(x, weight, stride, padding, dilation):
         # At stride 1 with "same" padding of an odd kernel, dx is the "same" convolution of gz with the weights
         # flipped: the forward's row kernel, without an epilogue.
         bare = {**dict.fromkeys(_EPILOGUE_FLAGS, False), "ACTIVATION": 0}
@@ -1088,7 +1092,7 @@ def _epilogue_bwd_specs(dtype: str) -> list[KernelSpec]:
         "dy_ptr": f"*{dtype}",
         "z_ptr": f"*{dtype}",
         "scale_ptr": f"*{dtype}",
-        "gz_ptr": "*fp32",
+        "gz_ptr": f"*{dtype}",
         "partial_ptr": "*fp32",
         **_i32(("N", "C", "P", "OW") + _Y_STRIDES + _SPLIT_ARGS),
     }
@@ -1108,39 +1112,33 @@ def _epilogue_bwd_specs(dtype: str) -> list[KernelSpec]:
     return specs
 
 
-def _gz_dtypes(dtype: str) -> list[str]:
-    """gz is dy itself (x's dtype) without an activation or scale, else the fp32 buffer of the epilogue backward."""
-    return sorted({dtype, "fp32"})
-
-
 def _input_bwd_specs(dtype: str) -> list[KernelSpec]:
+    # gz (dy itself, or the epilogue backward's buffer) has x's dtype
+    signature = {
+        "gz_ptr": f"*{dtype}",
+        "w_ptr": f"*{dtype}",
+        "dx_ptr": f"*{dtype}",
+        **_i32(_CONV_SHAPE_ARGS + _X_STRIDES + _Y_STRIDES + ("stride_wc", "stride_wt") + _CONV_ARGS),
+    }
     specs = []
-    for gz_dtype in _gz_dtypes(dtype):
-        signature = {
-            "gz_ptr": f"*{gz_dtype}",
-            "w_ptr": f"*{dtype}",
-            "dx_ptr": f"*{dtype}",
-            **_i32(_CONV_SHAPE_ARGS + _X_STRIDES + _Y_STRIDES + ("stride_wc", "stride_wt") + _CONV_ARGS),
-        }
-        for channels_last, (block_t, block_p, block_c, warps) in _conv_tiles():
-            for strided in (False, True):
-                constexprs = {"STRIDED": strided, **_tile_constexprs(channels_last, block_t, block_p, block_c)}
-                specs.append(KernelSpec("dwconv_bwd_input", _dwconv_bwd_input_kernel, signature, constexprs, warps))
+    for channels_last, (block_t, block_p, block_c, warps) in _conv_tiles():
+        for strided in (False, True):
+            constexprs = {"STRIDED": strided, **_tile_constexprs(channels_last, block_t, block_p, block_c)}
+            specs.append(KernelSpec("dwconv_bwd_input", _dwconv_bwd_input_kernel, signature, constexprs, warps))
     return specs
 
 
 def _weight_bwd_specs(dtype: str) -> list[KernelSpec]:
+    signature = {
+        "x_ptr": f"*{dtype}",
+        "gz_ptr": f"*{dtype}",
+        "partial_ptr": "*fp32",
+        **_i32(("N",) + _CONV_SHAPE_ARGS + _X_STRIDES + _Y_STRIDES + _CONV_ARGS + _SPLIT_ARGS),
+    }
     specs = []
-    for gz_dtype in _gz_dtypes(dtype):
-        signature = {
-            "x_ptr": f"*{dtype}",
-            "gz_ptr": f"*{gz_dtype}",
-            "partial_ptr": "*fp32",
-            **_i32(("N",) + _CONV_SHAPE_ARGS + _X_STRIDES + _Y_STRIDES + _CONV_ARGS + _SPLIT_ARGS),
-        }
-        for channels_last, (block_t, block_p, block_c, warps) in _conv_tiles():
-            constexprs = _tile_constexprs(channels_last, block_t, block_p, block_c)
-            specs.append(KernelSpec("dwconv_bwd_weight", _dwconv_bwd_weight_kernel, signature, constexprs, warps))
+    for channels_last, (block_t, block_p, block_c, warps) in _conv_tiles():
+        constexprs = _tile_constexprs(channels_last, block_t, block_p, block_c)
+        specs.append(KernelSpec("dwconv_bwd_weight", _dwconv_bwd_weight_kernel, signature, constexprs, warps))
     return specs
 
 

@@ -313,8 +313,8 @@ def test_fp16_row_kernel(monkeypatch, size, shape):
 
 @pytest.mark.parametrize("size", dwk.ROW_SIZES)
 def test_fp16_row_kernel_dx(size):
-    """Without an activation or scale, gz is dy itself (fp16) and dx runs on the row kernel with the weights
-    flipped: dx, dweight and the bias and shift gradients against the expected side."""
+    """Without an activation or scale gz is dy itself, and dx runs on the row kernel with the weights flipped: dx,
+    dweight and the bias and shift gradients against the expected side (with them, test_fp16_row_kernel)."""
     inputs = make_inputs((2, 3, 19, 35), (size, size), dtype=torch.float16)
     del inputs["scale"]
     check_op("triton", inputs)
