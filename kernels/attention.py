@@ -35,6 +35,7 @@ every config they can pick.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -67,6 +68,16 @@ TABLE_BLOCK_X = 16
 TABLE_BLOCK_G = 64
 TABLE_NARROW_HEAD = 32  # head blocks up to this run the table kernel on 4 warps, wider ones on 8
 TARGET_PROGRAMS = 1024
+# The short-sequence backward (:func:`_attention_bwd_short_kernel`): fp16 / bf16, every query in one tile (up to
+# SHORT_MAX_QUERIES), up to SHORT_MAX_TOKENS keys, head blocks up to SHORT_MAX_HEAD; programs of one head and a
+# chunk of the batch, about TARGET_PROGRAMS of them, and the table gradient's (chunks, H, Nq, Nk) fp32 dS buffer at
+# most SHORT_DS_BYTES (fewer, longer chunks past that).
+SHORT_MAX_QUERIES = 64
+SHORT_MAX_TOKENS = 256
+SHORT_MAX_HEAD = 32
+SHORT_DS_BYTES = 32 << 20
+BINS_BLOCK_E = 32
+BINS_BLOCK_S = 64
 
 
 # --- shared device helpers --------------------------------------------------------------------------------------
@@ -92,15 +103,17 @@ def _bias_tile(bias, qi, kj, mask, BIAS_MODE: tl.constexpr):
     if BIAS_MODE == 3:
         offs = qi * stride_biasm + kj * stride_biasn
     else:
+        # coordinates on the index vectors, combined per score in as few operations as the mode allows
         yi = (qi // q_grid_w) * q_step
         xi = (qi % q_grid_w) * q_step
         yj = kj // k_grid_w
         xj = kj % k_grid_w
         if BIAS_MODE == 1:
-            index = (yi - yj + win_h - 1) * (2 * k_grid_w - 1) + (xi - xj + k_grid_w - 1)
+            # (yi - yj + win_h - 1) * row + (xi - xj + k_grid_w - 1): a query part minus a key part
+            row = 2 * k_grid_w - 1
+            offs = (yi * row + xi + (win_h - 1) * row + k_grid_w - 1) * stride_biasm - (yj * row + xj) * stride_biasm
         else:
-            index = tl.abs(yi - yj) * k_grid_w + tl.abs(xi - xj)
-        offs = index * stride_biasm
+            offs = tl.abs(yi - yj) * (k_grid_w * stride_biasm) + tl.abs(xi - xj) * stride_biasm
     return tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
@@ -613,6 +626,166 @@ def _attention_bwd_table_kernel(
     tl.store(partial_ptr + out_offs, acc, mask=out_g < num_bins)
 
 
+@triton.jit
+def _attention_bwd_short_kernel(
+    dout_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    bias_ptr,
+    attn_mask_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    ds_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_biasb,
+    stride_biash,
+    stride_biasm,
+    stride_biasn,
+    stride_dsb,
+    stride_dsh,
+    stride_dsm,
+    stride_dsn,
+    B,
+    H,
+    NQ,
+    NK,
+    D,
+    DV,
+    scale,
+    num_windows,
+    batch_per_chunk,
+    BIAS_MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DS_MODE: tl.constexpr,
+    ONE_KEY_TILE: tl.constexpr,
+    Q_GRID_W: tl.constexpr,
+    K_GRID_W: tl.constexpr,
+    Q_STEP: tl.constexpr,
+    WIN_H: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """The whole backward of short sequences (every query in one BLOCK_M tile) in one pass over the scores: per
+    batch entry, per key block, P and dS once, and from them dv and dk of the key block, dq accumulated over key
+    blocks, and dS for the bias gradient.
+
+    Grid: (H, chunks); a program owns one head and the batch entries [chunk * batch_per_chunk, ...) of its chunk, in
+    order. DS_MODE 0: no bias gradient. DS_MODE 1 (table / biases): dS summed over the chunk's batch entries in a
+    fixed order into ds_ptr (chunks, H, NQ, NK) fp32 through its strides, the sum kept in registers where one key
+    block covers the keys (ONE_KEY_TILE), else read back and added per key block by the program that wrote it.
+    DS_MODE 2 (dense bias): dS of each batch entry into ds_ptr (B, H, NQ, NK) through its strides. The window
+    geometry (``Q_GRID_W``, ``K_GRID_W``, ``Q_STEP``, ``WIN_H``, as the runtime arguments of
+    :func:`_attention_fwd_kernel`) is compile-time here, so the bias index has no runtime division. Other pointers
+    as in :func:`_attention_bwd_dq_kernel` and :func:`_attention_bwd_dkdv_kernel`.
+    """
+    h = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    b_lo = chunk * batch_per_chunk
+    b_hi = tl.minimum(B, b_lo + batch_per_chunk)
+    q_rows = tl.arange(0, BLOCK_M)
+    rows = q_rows[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    offs_dv = tl.arange(0, BLOCK_DV)[None, :]
+    qk_scale = scale * LOG2E
+    ds_chunk = ds_ptr + chunk * stride_dsb + h * stride_dsh
+    ds_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for b in range(b_lo, b_hi):
+        bh = b * H + h
+        q_base, k_base, v_base = _head_bases(
+            q_ptr, k_ptr, v_ptr, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh
+        )
+        bias_base = _head_base(bias_ptr, b, h, stride_biasb, stride_biash)
+        bias = (bias_base, stride_biasm, stride_biasn, Q_GRID_W, K_GRID_W, Q_STEP, WIN_H)
+        window_mask = _window_base(attn_mask_ptr, b, num_windows, NQ, NK)
+        q = _load_tile(q_base, rows, offs_d, stride_qn, stride_qd, NQ, D)
+        do = _load_tile(dout_ptr + bh * NQ * DV, rows, offs_dv, DV, 1, NQ, DV)
+        o = _load_tile(out_ptr + bh * NQ * DV, rows, offs_dv, DV, 1, NQ, DV)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        lse2 = _safe_lse2(lse_ptr + bh * NQ, q_rows, NQ)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, NK, BLOCK_N):
+            kj = start_n + cols
+            keys = start_n + tl.arange(0, BLOCK_N)[:, None]
+            mask = (rows < NQ) & (kj < NK)
+            k = _load_tile(k_base, keys, offs_d, stride_kn, stride_kd, NK, D)
+            v = _load_tile(v_base, keys, offs_dv, stride_vn, stride_vd, NK, DV)
+            s = _scores(q, tl.trans(k), qk_scale, bias, window_mask, rows, kj, mask, NK, BIAS_MODE, HAS_MASK)
+            p = tl.where(mask, tl.math.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dv_block = tl.dot(tl.trans(p.to(do.dtype)), do)
+            dk_block = tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dq += tl.dot(ds.to(k.dtype), k)
+            tl.store(
+                dk_ptr + bh * NK * D + keys * D + offs_d,
+                (dk_block * scale).to(dk_ptr.dtype.element_ty),
+                mask=(keys < NK) & (offs_d < D),
+            )
+            tl.store(
+                dv_ptr + bh * NK * DV + keys * DV + offs_dv,
+                dv_block.to(dv_ptr.dtype.element_ty),
+                mask=(keys < NK) & (offs_dv < DV),
+            )
+            if DS_MODE == 1:
+                if ONE_KEY_TILE:
+                    ds_sum += ds
+                else:
+                    ds_ptrs = ds_chunk + rows * stride_dsm + kj * stride_dsn
+                    if b > b_lo:
+                        ds += tl.load(ds_ptrs, mask=mask, other=0.0)
+                    tl.store(ds_ptrs, ds, mask=mask)
+                    # the next batch entry's read of this block may land on other threads of the program
+                    tl.debug_barrier()
+            if DS_MODE == 2:
+                ds_ptrs = ds_ptr + b * stride_dsb + h * stride_dsh + rows * stride_dsm + kj * stride_dsn
+                tl.store(ds_ptrs, ds.to(ds_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            dq_ptr + bh * NQ * D + rows * D + offs_d,
+            (dq * scale).to(dq_ptr.dtype.element_ty),
+            mask=(rows < NQ) & (offs_d < D),
+        )
+    if DS_MODE == 1:
+        if ONE_KEY_TILE:
+            tl.store(ds_chunk + rows * stride_dsm + cols * stride_dsn, ds_sum, mask=(rows < NQ) & (cols < NK))
+
+
+@triton.jit
+def _attention_bins_kernel(
+    ds_ptr, index_ptr, grad_ptr, PAIRS, ENTRIES, SLOTS, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr
+):
+    """The table / biases gradient from dS summed over the batch: grad[h, e] = the sum of ds[h, pair] over the pairs
+    (i * NK + j) whose bias entry is e, listed in index_ptr (ENTRIES, SLOTS) int32 and padded with -1, summed in
+    slot order (deterministic). Grid: (H, cdiv(ENTRIES, BLOCK_E)); ds_ptr: (H, PAIRS) fp32, grad_ptr: (H, ENTRIES)
+    fp32, contiguous."""
+    h = tl.program_id(0).to(tl.int64)
+    entries = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    acc = tl.zeros([BLOCK_E], tl.float32)
+    for s0 in range(0, SLOTS, BLOCK_S):
+        slots = s0 + tl.arange(0, BLOCK_S)
+        ok = (entries[:, None] < ENTRIES) & (slots[None, :] < SLOTS)
+        pair = tl.load(index_ptr + entries[:, None] * SLOTS + slots[None, :], mask=ok, other=-1)
+        acc += tl.sum(tl.load(ds_ptr + h * PAIRS + pair, mask=pair >= 0, other=0.0), 1)
+    tl.store(grad_ptr + h * ENTRIES + entries, acc, mask=entries < ENTRIES)
+
+
 # --- launchers --------------------------------------------------------------------------------------------------
 
 
@@ -651,6 +824,41 @@ def _bwd_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[s
     else:
         tile, warps = LONG_TILE // 2, 4 if block < MAX_HEAD_BLOCK else 8
     return {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
+
+
+def _short_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[str, int] | None:
+    """Block sizes and warps of :func:`_attention_bwd_short_kernel`, or None where it does not apply (fp32, whose
+    exact dots keep 16 x 16 tiles; head blocks over SHORT_MAX_HEAD; more than SHORT_MAX_QUERIES queries or
+    SHORT_MAX_TOKENS keys). The query tile holds every query: 16 or 64 rows. Beside 16 rows the key blocks are 64
+    keys wide (16 for up to 16 keys); beside 64 rows, 16: on sm_90 the products run as warp-group MMAs whose
+    64-row accumulators sit in one warp group's registers, and the four score-sized tiles (S, P, dP, dS) beside
+    the dq, dk and dv accumulators fit without spilling only that narrow (the kernel report's figures). The
+    16 x 16 tile takes 4 warps, the others 8 (more would not fit 255 registers a thread in the register file;
+    head blocks of 64 spill on 8). The dS sum of a chunk stays in registers only in the 16 x 16 tile
+    (:func:`_one_key_tile`)."""
+    block = _head_block(d, dv)
+    if dtype == torch.float32 or block > SHORT_MAX_HEAD or nq > SHORT_MAX_QUERIES or nk > SHORT_MAX_TOKENS:
+        return None
+    block_m = MIN_BLOCK if nq <= MIN_BLOCK else LONG_TILE
+    block_n = MIN_BLOCK if nk <= MIN_BLOCK or block_m == LONG_TILE else LONG_TILE
+    warps = 4 if block_n == MIN_BLOCK and block_m == MIN_BLOCK else 8
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
+
+
+def _one_key_tile(config: dict[str, int], nk: int) -> bool:
+    """Whether :func:`_attention_bwd_short_kernel` keeps a chunk's dS sum in registers: one 16 x 16 tile holds
+    every score (in the larger tiles the sum spills; it is read back per key block there)."""
+    return nk <= config["BLOCK_N"] == MIN_BLOCK and config["BLOCK_M"] == MIN_BLOCK
+
+
+def _short_chunks(batch: int, heads: int, nq: int, nk: int, table_grad: bool) -> tuple[int, int]:
+    """(chunks, batch entries per chunk) of :func:`_attention_bwd_short_kernel`: about TARGET_PROGRAMS programs,
+    and with a table gradient at most SHORT_DS_BYTES of dS partials."""
+    chunks = min(batch, triton.cdiv(TARGET_PROGRAMS, heads))
+    if table_grad:
+        chunks = min(chunks, max(1, SHORT_DS_BYTES // (heads * nq * nk * 4)))
+    per_chunk = triton.cdiv(batch, max(chunks, 1))
+    return triton.cdiv(batch, per_chunk), per_chunk
 
 
 def _table_config(d: int, dv: int) -> dict[str, int]:
@@ -789,16 +997,42 @@ def attention_bwd(
     dq = torch.empty((batch, heads, nq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((batch, heads, nk, d), dtype=q.dtype, device=q.device)
     dv = torch.empty((batch, heads, nk, dv_dim), dtype=q.dtype, device=q.device)
-    delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
-    bias_arg, mask_arg, strides, sizes, options = _shared_args(q, k, v, bias, mask, bias_mode, geometry, scale)
-    config = _bwd_config(nq, nk, d, dv_dim, q.dtype)
     dense_grad = bias_grad and bias_mode == BIAS_DENSE
     full_shape = (batch, heads, nq, nk)
-    ds_target = delta
+    ds_target = None
     if dense_grad:
         # a bias of the full shape takes dS directly; a broadcast one needs dS summed over its broadcast dims
         same_shape = tuple(bias.shape) == full_shape
         ds_target = torch.empty(full_shape, dtype=bias.dtype if same_shape else torch.float32, device=q.device)
+    tensors = (dout, q, k, v, out, lse, bias, mask)
+    short = _short_config(nq, nk, d, dv_dim, q.dtype)
+    if short is not None:
+        ds_sum = _short_bwd(short, tensors, bias_mode, geometry, scale, bias_grad, (dq, dk, dv), ds_target)
+    else:
+        delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
+        _long_bwd(tensors, bias_mode, geometry, scale, (dq, dk, dv), delta, ds_target)
+    if not bias_grad:
+        dbias = q.new_empty(0)
+    elif dense_grad:
+        reduce_dims = [dim for dim in range(4) if bias.shape[dim] == 1 and full_shape[dim] != 1]
+        dbias = ds_target.sum(reduce_dims, keepdim=True).to(bias.dtype) if reduce_dims else ds_target
+    elif short is not None:
+        dbias = _table_from_pairs(ds_sum, bias, bias_mode, geometry)
+    else:
+        dbias = _table_grad(dout, q, k, v, lse, delta, bias, mask, bias_mode, geometry, scale)
+    return dq, dk, dv, dbias
+
+
+def _long_bwd(tensors, bias_mode, geometry, scale, grads, delta, ds_target) -> None:
+    """dq, dk, dv (``grads``) through :func:`_attention_bwd_dq_kernel` (which also writes delta, and dS into
+    ``ds_target`` unless that is None) and :func:`_attention_bwd_dkdv_kernel`."""
+    dout, q, k, v, out, lse, bias, mask = tensors
+    dq, dk, dv = grads
+    batch, heads, nq, d = q.shape
+    nk, dv_dim = k.shape[2], v.shape[3]
+    bias_arg, mask_arg, strides, sizes, options = _shared_args(q, k, v, bias, mask, bias_mode, geometry, scale)
+    config = _bwd_config(nq, nk, d, dv_dim, q.dtype)
+    dense_grad = ds_target is not None
     _attention_bwd_dq_kernel[(triton.cdiv(nq, config["BLOCK_M"]), batch * heads)](
         dout,
         q,
@@ -810,7 +1044,7 @@ def attention_bwd(
         bias_arg,
         mask_arg,
         dq,
-        ds_target,
+        ds_target if dense_grad else delta,
         *strides,
         *(ds_target.stride() if dense_grad else (0, 0, 0, 0)),
         *sizes,
@@ -834,14 +1068,111 @@ def attention_bwd(
         **options,
         **config,
     )
-    if not bias_grad:
-        dbias = q.new_empty(0)
-    elif dense_grad:
-        reduce_dims = [dim for dim in range(4) if bias.shape[dim] == 1 and full_shape[dim] != 1]
-        dbias = ds_target.sum(reduce_dims, keepdim=True).to(bias.dtype) if reduce_dims else ds_target
+
+
+def _short_bwd(config, tensors, bias_mode, geometry, scale, bias_grad, grads, ds_target) -> torch.Tensor | None:
+    """dq, dk, dv (``grads``) through :func:`_attention_bwd_short_kernel`, with dS of every batch entry into
+    ``ds_target`` (a dense bias's gradient) unless that is None. Returns, for a table / biases gradient, dS summed
+    over the batch as (H, Nq * Nk) fp32 (the kernel's chunk partials summed over chunks in order), else None."""
+    dout, q, k, v, out, lse, bias, mask = tensors
+    dq, dk, dv = grads
+    batch, heads, nq, _ = q.shape
+    nk = k.shape[2]
+    table_grad = bias_grad and bias_mode in (BIAS_REL_POS, BIAS_LEVIT)
+    chunks, per_chunk = _short_chunks(batch, heads, nq, nk, table_grad)
+    if table_grad:
+        ds = torch.empty((chunks, heads, nq, nk), dtype=torch.float32, device=q.device)
+        ds_mode = 1
+    elif ds_target is not None:
+        ds, ds_mode = ds_target, 2
     else:
-        dbias = _table_grad(dout, q, k, v, lse, delta, bias, mask, bias_mode, geometry, scale)
-    return dq, dk, dv, dbias
+        ds, ds_mode = lse, 0
+    geo = _geometry(bias_mode, geometry)
+    mask_arg, num_windows = _mask_args(mask, q)
+    config = dict(config)
+    _attention_bwd_short_kernel[(heads, chunks)](
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        q if bias is None else bias,
+        mask_arg,
+        dq,
+        dk,
+        dv,
+        ds,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *_bias_strides(bias, bias_mode),
+        *(ds.stride() if ds_mode else (0, 0, 0, 0)),
+        batch,
+        heads,
+        nq,
+        nk,
+        q.shape[3],
+        v.shape[3],
+        scale,
+        num_windows,
+        per_chunk,
+        BIAS_MODE=bias_mode,
+        HAS_MASK=mask is not None,
+        DS_MODE=ds_mode,
+        ONE_KEY_TILE=ds_mode == 1 and _one_key_tile(config, nk),
+        Q_GRID_W=geo["q_grid_w"],
+        K_GRID_W=geo["k_grid_w"],
+        Q_STEP=geo["q_step"],
+        WIN_H=geo["win_h"],
+        num_stages=NUM_STAGES,
+        maxnreg=MAX_REGISTERS,
+        **config,
+    )
+    if not table_grad:
+        return None
+    return (ds.sum(0) if chunks > 1 else ds[0]).reshape(heads, nq * nk)
+
+
+@functools.lru_cache(maxsize=32)
+def _pair_index(bias_mode: int, geometry: tuple[int, ...], nq: int, nk: int, device: torch.device) -> torch.Tensor:
+    """For each table / biases entry, the (query, key) pairs i * nk + j whose bias it is, as an (entries, slots)
+    int32 tensor padded with -1 (the pairs in increasing order), from the index of :func:`_bias_tile`."""
+    geo = _geometry(bias_mode, list(geometry))
+    qi = torch.arange(nq)[:, None]
+    kj = torch.arange(nk)[None, :]
+    yi, xi = (qi // geo["q_grid_w"]) * geo["q_step"], (qi % geo["q_grid_w"]) * geo["q_step"]
+    yj, xj = kj // geo["k_grid_w"], kj % geo["k_grid_w"]
+    if bias_mode == BIAS_REL_POS:
+        entry = (yi - yj + geo["win_h"] - 1) * (2 * geo["k_grid_w"] - 1) + (xi - xj + geo["k_grid_w"] - 1)
+    else:
+        entry = (yi - yj).abs() * geo["k_grid_w"] + (xi - xj).abs()
+    entry = entry.flatten()
+    entries = geo["num_dy"] * geo["num_bins"]
+    order = torch.argsort(entry, stable=True)
+    counts = torch.bincount(entry, minlength=entries)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_entry = entry[order]
+    index = torch.full((entries, max(1, int(counts.max()))), -1, dtype=torch.int32)
+    index[sorted_entry, torch.arange(entry.numel()) - starts[sorted_entry]] = order.to(torch.int32)
+    return index.to(device)
+
+
+def _table_from_pairs(ds_sum: torch.Tensor, bias: torch.Tensor, bias_mode: int, geometry: list[int]) -> torch.Tensor:
+    """The table (mode 1) or biases (mode 2) gradient from dS summed over the batch, (H, Nq * Nk) fp32, through
+    :func:`_attention_bins_kernel`, in the bias's shape and dtype."""
+    heads, pairs = ds_sum.shape
+    geo = _geometry(bias_mode, geometry)
+    nk = geo["k_grid_w"] * geo["k_grid_h"]
+    index = _pair_index(bias_mode, tuple(geometry), pairs // nk, nk, ds_sum.device)
+    entries, slots = index.shape
+    grad = torch.empty((heads, entries), dtype=torch.float32, device=ds_sum.device)
+    _attention_bins_kernel[(heads, triton.cdiv(entries, BINS_BLOCK_E))](
+        ds_sum, index, grad, pairs, entries, slots, BLOCK_E=BINS_BLOCK_E, BLOCK_S=BINS_BLOCK_S
+    )
+    if bias_mode == BIAS_REL_POS:
+        grad = grad.t()
+    return grad.to(bias.dtype).contiguous()
 
 
 def _table_grad(dout, q, k, v, lse, delta, bias, mask, bias_mode, geometry, scale):
@@ -937,6 +1268,70 @@ def _configs(config_fn, block: int, dtype: torch.dtype) -> list[dict[str, int]]:
     return [dict(config) for config in sorted(picked)]
 
 
+# the geometry each bias mode's short-kernel configs are compiled with in the report (the launcher compiles one
+# variant per geometry; these are Swin's 7 x 7 windows and LeViT's 14 x 14 keys at stride 2)
+_REPORT_GEOMETRY = {
+    0: {"Q_GRID_W": 1, "K_GRID_W": 1, "Q_STEP": 1, "WIN_H": 1},
+    BIAS_REL_POS: {"Q_GRID_W": 7, "K_GRID_W": 7, "Q_STEP": 1, "WIN_H": 7},
+    BIAS_LEVIT: {"Q_GRID_W": 7, "K_GRID_W": 14, "Q_STEP": 2, "WIN_H": 14},
+    BIAS_DENSE: {"Q_GRID_W": 1, "K_GRID_W": 1, "Q_STEP": 1, "WIN_H": 1},
+}
+
+
+def _short_specs(dtype: torch.dtype, block: int, mode: int, has_mask: bool, tag: str) -> list[KernelSpec]:
+    """Every config of :func:`_attention_bwd_short_kernel` for one dtype, head block and bias mode: each tile the
+    launcher picks, each dS mode the bias mode allows (dS of a dense bias stored in fp32 or in the data dtype), and
+    for the table modes the dS sum in registers (one key block) or read back per key block."""
+    if dtype == torch.float32 or block > SHORT_MAX_HEAD:
+        return []
+    tiles = {tuple(_short_config(nq, nk, block, block, dtype).items()) for nq in (1, 64) for nk in (1, 256)}
+    ds_modes = {0: [0], BIAS_REL_POS: [0, 1], BIAS_LEVIT: [0, 1], BIAS_DENSE: [0, 2]}[mode]
+    specs = []
+    for tile, ds_mode in itertools.product(sorted(tiles), ds_modes):
+        config = dict(tile)
+        warps = config.pop("num_warps")
+        one_tile_choices = {_one_key_tile(config, nk) for nk in (1, SHORT_MAX_TOKENS)} if ds_mode == 1 else {False}
+        ds_dtypes = ("fp32", TRITON_DTYPES[dtype]) if ds_mode == 2 else ("fp32",)
+        for one_tile, ds_dtype in itertools.product(sorted(one_tile_choices), ds_dtypes):
+            constexprs = {
+                "BIAS_MODE": mode,
+                "HAS_MASK": has_mask,
+                "DS_MODE": ds_mode,
+                "ONE_KEY_TILE": one_tile,
+                **_REPORT_GEOMETRY[mode],
+                **config,
+            }
+            spec = _spec(
+                f"attention_bwd_short_{tag}_m{config['BLOCK_M']}n{config['BLOCK_N']}_ds{ds_mode}"
+                f"{'_one' if one_tile else ''}{'_' + ds_dtype if ds_mode == 2 else ''}",
+                _attention_bwd_short_kernel,
+                dtype,
+                constexprs,
+                warps,
+            )
+            spec.signature["ds_ptr"] = f"*{ds_dtype}"
+            specs.append(spec)
+    return specs
+
+
+def _bins_spec() -> KernelSpec:
+    return KernelSpec(
+        name="attention_bins",
+        fn=_attention_bins_kernel,
+        signature={
+            "ds_ptr": "*fp32",
+            "index_ptr": "*i32",
+            "grad_ptr": "*fp32",
+            "PAIRS": "i32",
+            "ENTRIES": "i32",
+            "SLOTS": "i32",
+        },
+        constexprs={"BLOCK_E": BINS_BLOCK_E, "BLOCK_S": BINS_BLOCK_S},
+        num_warps=4,
+        meta={"dtype": "fp32"},
+    )
+
+
 def report_specs() -> list[KernelSpec]:
     """Every kernel in every config the launchers can pick, for fp32, fp16 and bf16 and every bias mode; with and
     without a mask for the relative-position table (Swin's shifted windows, the mask's one public user)."""
@@ -977,6 +1372,7 @@ def report_specs() -> list[KernelSpec]:
                             warps,
                         )
                     )
+            specs += _short_specs(dtype, block, mode, has_mask, tag)
             if mode in (BIAS_REL_POS, BIAS_LEVIT):
                 config = _table_config(block, block)
                 warps, stages = config.pop("num_warps"), config.pop("num_stages")
@@ -990,4 +1386,4 @@ def report_specs() -> list[KernelSpec]:
                         stages,
                     )
                 )
-    return specs
+    return [*specs, _bins_spec()]

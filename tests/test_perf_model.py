@@ -336,10 +336,21 @@ def test_table_gradient_trip_count_by_hand():
     """Swin-T windows (7 x 7, under one 16-wide x block and one 64-wide bin block): every program's one x-block
     pair counts, so the query-row loop runs sum over dy of (7 - |dy|) = 49 times per head and image."""
     case = next(c for c in perf_model.ATTENTION_CASES if c.name == "swin_t_windows")
-    calls = perf_model.attention_calls(case, torch.float16)
+    calls = perf_model.attention_calls(case, torch.float32)  # fp16 takes the short-sequence backward
     (table,) = [call for call in calls if call.fn.__name__ == "_attention_bwd_table_kernel"]
     _, iterations = perf_model._triton_attention(table)
     assert iterations == 3 * 4096 * 49
+
+
+def test_short_backward_trip_counts_by_hand():
+    """Swin-T windows in fp16: one program per head and chunk of 12 windows (342 chunks of 4096 windows, 3 heads);
+    the key-block loop runs cdiv(49, 16) = 4 times per window and head, the loop around it once per window."""
+    case = next(c for c in perf_model.ATTENTION_CASES if c.name == "swin_t_windows")
+    calls = perf_model.attention_calls(case, torch.float16)
+    (short,) = [call for call in calls if call.fn.__name__ == "_attention_bwd_short_kernel"]
+    assert short.grid == (3, 342) and short.args["batch_per_chunk"] == 12
+    _, (hot, outer) = perf_model._triton_attention(short)
+    assert (hot, outer) == (3 * 4096 * 4, 3 * 4096)
 
 
 def run_model(*args: str) -> subprocess.CompletedProcess:
@@ -367,9 +378,8 @@ def test_quick_model_runs(quick_rows):
         "dwconv_bwd_epilogue",
         "dwconv_bwd_weight",
         "attention_fwd",
-        "attention_bwd_dq",
-        "attention_bwd_dkdv",
-        "attention_bwd_table",
+        "attention_bwd_short",  # the quick set's attention shapes are short sequences in fp16 / bf16
+        "attention_bins",
     } <= triton_kernels
     assert {row["device"] for row in rows} == set(perf_model.DEVICES)
 

@@ -260,6 +260,7 @@ class Code:
     rest: _sass.Mix
     registers: int
     static_shared: int
+    outer: _sass.Mix | None = None  # the loop around the hot loop, its own instructions (Triton; None: no such loop)
 
 
 @dataclass(frozen=True)
@@ -292,27 +293,33 @@ class Launch:
     per_warp: bool
     work: Work
     executed: Executed | None = None
+    outer_iterations: float | None = None  # Triton: runs of the loop around the hot loop over the grid, if known
+
+    def _parts(self) -> list[tuple[_sass.Mix, float]]:
+        """(mix, runs per warp of the grid's warps summed) of the hot loop, the loop around it and the rest; code
+        of the loop around the hot loop counts once per program where its trip count is not given."""
+        warps = self.warps_per_block
+        if self.per_warp:
+            return [(self.code.hot, self.hot_iterations * self.blocks * warps), (self.code.rest, self.blocks * warps)]
+        parts = [(self.code.hot, self.hot_iterations * warps), (self.code.rest, self.blocks * warps)]
+        if self.code.outer is not None:
+            runs = self.blocks if self.outer_iterations is None else self.outer_iterations
+            parts.append((self.code.outer, runs * warps))
+        return parts
 
     def warp_instructions(self) -> float:
         if self.executed is not None:
             return self.executed.total
-        if self.per_warp:
-            per_warp = self.hot_iterations * self.code.hot.total + self.code.rest.total
-            return self.blocks * self.warps_per_block * per_warp
-        return self.warps_per_block * (self.hot_iterations * self.code.hot.total + self.blocks * self.code.rest.total)
+        return sum(mix.total * runs for mix, runs in self._parts())
 
     def tensor_macs(self) -> dict[str, float]:
         """Executed tensor-core multiply-adds by precision."""
         if self.executed is not None:
             return dict(self.executed.tensor_macs)
-        scale = self.hot_iterations * (self.blocks * self.warps_per_block if self.per_warp else self.warps_per_block)
-        rest_scale = self.blocks * self.warps_per_block
         totals: dict[str, float] = {}
-        for precision in set(self.code.hot.tensor_macs) | set(self.code.rest.tensor_macs):
-            totals[precision] = (
-                self.code.hot.tensor_macs.get(precision, 0) * scale
-                + self.code.rest.tensor_macs.get(precision, 0) * rest_scale
-            )
+        for mix, runs in self._parts():
+            for precision, macs in mix.tensor_macs.items():
+                totals[precision] = totals.get(precision, 0) + macs * runs
         return totals
 
     def blocks_per_sm(self) -> int:
@@ -408,6 +415,9 @@ def _params(fn: JITFunction | InterpretedFunction) -> list[tuple[str, bool, bool
     ]
 
 
+POINTER_DTYPES = {**TRITON_DTYPES, torch.int32: "i32"}
+
+
 def launch_spec(call: TritonCall) -> KernelSpec:
     """The KernelSpec of exactly the variant Triton's launcher would compile for this call."""
     signature, constexprs, aligned = {}, {}, []
@@ -416,7 +426,7 @@ def launch_spec(call: TritonCall) -> KernelSpec:
         if is_constexpr:
             constexprs[name] = value
         elif isinstance(value, torch.Tensor):
-            signature[name] = f"*{TRITON_DTYPES[value.dtype]}"
+            signature[name] = f"*{POINTER_DTYPES[value.dtype]}"
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
@@ -460,12 +470,28 @@ def spec_key(spec: KernelSpec) -> str:
 
 
 def code_of_function(function: _sass.Function, registers: int, static_shared_bytes: int) -> Code:
+    """The hot loop's mix, the mix of the loop directly around it (its own instructions, other loops in it left
+    out; None where the hot loop is outermost) and the rest."""
     hot = function.hot_loop()
     if hot is None:
         return Code(_sass.Mix.of([]), function.mix(), registers, static_shared_bytes)
-    rest = [ins for ins in function.instructions if not hot.start <= ins.address <= hot.end]
+    around = [
+        loop
+        for loop in function.loops()
+        if loop.start <= hot.start and hot.end <= loop.end and (loop.start, loop.end) != (hot.start, hot.end)
+    ]
+    outer = min(around, key=lambda loop: loop.end - loop.start) if around else None
+    span = (outer.start, outer.end) if outer else (hot.start, hot.end)
+    rest = [ins for ins in function.instructions if not span[0] <= ins.address <= span[1]]
     hot_body = [ins for ins in function.instructions if hot.start <= ins.address <= hot.end]
-    return Code(_sass.Mix.of(hot_body), _sass.Mix.of(rest), registers, static_shared_bytes)
+    if outer is None:
+        return Code(_sass.Mix.of(hot_body), _sass.Mix.of(rest), registers, static_shared_bytes)
+    inside = [
+        ins
+        for ins in function.instructions
+        if outer.start <= ins.address <= outer.end and not hot.start <= ins.address <= hot.end
+    ]
+    return Code(_sass.Mix.of(hot_body), _sass.Mix.of(rest), registers, static_shared_bytes, _sass.Mix.of(inside))
 
 
 def cache_dir() -> Path:
@@ -597,6 +623,9 @@ def _triton_attention(call: TritonCall) -> tuple[Work, float]:
     a = call.args
     programs = math.prod(call.grid)
     name = call.fn.__name__
+    if name == "_attention_bins_kernel":
+        work = Work(_tensor_bytes(a, ["ds_ptr", "index_ptr"]), _tensor_bytes(a, ["grad_ptr"]), 0, "fp32")
+        return work, programs * _cdiv(a["SLOTS"], a["BLOCK_S"])
     q = a["q_ptr"]
     batch, heads, nq, d = q.shape
     nk, dv = a["NK"], a["DV"]
@@ -621,6 +650,16 @@ def _triton_attention(call: TritonCall) -> tuple[Work, float]:
             _tensor_bytes(a, saved + ["delta_ptr"]), _tensor_bytes(a, ["dk_ptr", "dv_ptr"]), pairs * 2 * (d + dv), unit
         )
         return work, programs * _cdiv(nq, a["BLOCK_M"])
+    if name == "_attention_bwd_short_kernel":
+        # one pass: S and dP, then dv, dk and dq from P and dS; the dS partials written once per chunk
+        writes = ["dq_ptr", "dk_ptr", "dv_ptr"] + (["ds_ptr"] if a["DS_MODE"] else [])
+        work = Work(_tensor_bytes(a, saved + ["out_ptr"]), _tensor_bytes(a, writes), pairs * (3 * d + 2 * dv), unit)
+        heads, chunks = call.grid
+        entries = sum(
+            max(0, min(batch, c * a["batch_per_chunk"] + a["batch_per_chunk"]) - c * a["batch_per_chunk"])
+            for c in range(chunks)
+        )
+        return work, (heads * entries * _cdiv(nk, a["BLOCK_N"]), heads * entries)
     if name == "_attention_bwd_table_kernel":
         # S and dP recomputed: the least a table gradient that does not store dS must do.
         work = Work(_tensor_bytes(a, saved + ["delta_ptr"]), _tensor_bytes(a, ["partial_ptr"]), pairs * (d + dv), unit)
@@ -1147,8 +1186,11 @@ def _triton_launches(case: Case) -> list[tuple[str, KernelSpec, Callable[[Code, 
     for call in calls:
         spec = launch_spec(call)
         work, iterations = work_of(call)
+        iterations, outer = iterations if isinstance(iterations, tuple) else (iterations, None)
 
-        def make(code: Code, dynamic_shared: int, call=call, work=work, iterations=iterations, spec=spec) -> Launch:
+        def make(
+            code: Code, dynamic_shared: int, call=call, work=work, iterations=iterations, outer=outer, spec=spec
+        ) -> Launch:
             return Launch(
                 call.kernel,
                 code,
@@ -1158,6 +1200,7 @@ def _triton_launches(case: Case) -> list[tuple[str, KernelSpec, Callable[[Code, 
                 iterations,
                 False,
                 work,
+                outer_iterations=outer,
             )
 
         out.append((spec_key(spec), spec, make))
