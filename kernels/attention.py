@@ -35,6 +35,7 @@ every config they can pick.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -76,6 +77,24 @@ SHORT_MAX_QUERIES = 64
 SHORT_MAX_TOKENS = 256
 SHORT_MAX_HEAD = 32
 SHORT_DS_BYTES = 32 << 20
+# The short-sequence forward (:func:`_attention_fwd_short_kernel`): fp16 / bf16, up to SHORT_MAX_TOKENS keys, head
+# blocks up to SHORT_MAX_FWD_HEAD, 64-row query blocks on SHORT_FWD_WARPS warps.
+SHORT_MAX_FWD_HEAD = 32
+SHORT_FWD_WARPS = 4
+SHORT_FWD_ALIGN = 16
+SHORT_FWD_ALIGNED = (
+    "stride_qb",
+    "stride_qh",
+    "stride_qn",
+    "stride_kb",
+    "stride_kh",
+    "stride_kn",
+    "stride_vb",
+    "stride_vh",
+    "stride_vn",
+    "D",
+    "DV",
+)
 BINS_BLOCK_E = 32
 BINS_BLOCK_S = 64
 
@@ -92,7 +111,13 @@ def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols):
 
 @triton.jit
 def _bias_tile(bias, qi, kj, mask, BIAS_MODE: tl.constexpr):
-    """bias[qi, kj] in fp32 for broadcastable index tensors qi (queries) and kj (keys); 0 where ~mask.
+    """:func:`_bias_stored` in fp32."""
+    return _bias_stored(bias, qi, kj, mask, BIAS_MODE).to(tl.float32)
+
+
+@triton.jit
+def _bias_stored(bias, qi, kj, mask, BIAS_MODE: tl.constexpr):
+    """bias[qi, kj] in the bias's own dtype for broadcastable index tensors qi (queries) and kj (keys); 0 where ~mask.
 
     bias is the tuple (bias_ptr, stride_biasm, stride_biasn, q_grid_w, k_grid_w, q_step, win_h) of the kernel's
     arguments, bias_ptr already advanced to the program's (batch, head) (:func:`_head_base`). Modes 1/2 address the
@@ -114,7 +139,7 @@ def _bias_tile(bias, qi, kj, mask, BIAS_MODE: tl.constexpr):
             offs = (yi * row + xi + (win_h - 1) * row + k_grid_w - 1) * stride_biasm - (yj * row + xj) * stride_biasm
         else:
             offs = tl.abs(yi - yj) * (k_grid_w * stride_biasm) + tl.abs(xi - xj) * stride_biasm
-    return tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(bias_ptr + offs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -243,8 +268,11 @@ def _attention_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load_tile(q_ptr, rows, offs_d[None, :], stride_qn, stride_qd, NQ, D)
     qk_scale = scale * LOG2E
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    # the running max and sum as (BLOCK_M, 1) columns: as vectors, triton 3.8 carries them through the loop in the
+    # bias load's layout and computes the scores a second time in it (the kernel report's SASS: a warp-wide shuffle
+    # reduction per row beside the MMA layout's)
+    m_i = tl.full([BLOCK_M, 1], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M, 1], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start_n in range(0, NK, BLOCK_N):
         kj = start_n + cols
@@ -254,14 +282,16 @@ def _attention_fwd_kernel(
             q, tl.trans(k), qk_scale, bias, attn_mask_ptr, rows, kj, (rows < NQ) & (kj < NK), NK, BIAS_MODE, HAS_MASK
         )
         s = tl.where(kj < NK, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1, keep_dims=True))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
+        p = tl.math.exp2(s - m_safe)
         alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1, keep_dims=True)
         v = _load_tile(v_ptr, keys, offs_dv[None, :], stride_vn, stride_vd, NK, DV)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
+    m_i = tl.reshape(m_i, [BLOCK_M])
+    l_i = tl.reshape(l_i, [BLOCK_M])
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
@@ -269,6 +299,148 @@ def _attention_fwd_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < NQ) & (offs_dv[None, :] < DV))
     q_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     tl.store(lse_ptr + pid_bh * NQ + q_rows, lse, mask=q_rows < NQ)
+
+
+@triton.jit
+def _attention_fwd_short_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    attn_mask_ptr,
+    out_ptr,
+    lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_biasb,
+    stride_biash,
+    stride_biasm,
+    stride_biasn,
+    B,
+    H,
+    NQ,
+    NK,
+    D,
+    DV,
+    scale,
+    num_windows,
+    batch_per_chunk,
+    BIAS_MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ONE_KEY_TILE: tl.constexpr,
+    Q_GRID_W: tl.constexpr,
+    K_GRID_W: tl.constexpr,
+    Q_STEP: tl.constexpr,
+    WIN_H: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """The forward of :func:`_attention_fwd_kernel` for short sequences, several batch entries per program.
+
+    Grid: (cdiv(NQ, BLOCK_M), H, chunks); a program owns one query block of one head for the batch entries
+    [chunk * batch_per_chunk, ...) of its chunk. The window geometry is compile-time (as in
+    :func:`_attention_bwd_short_kernel`). Where one key block covers the keys (``ONE_KEY_TILE``) the softmax is
+    one pass over the tile, and a table / biases bias (modes 1 and 2, the same for every batch entry) is gathered
+    once per program, before the loop over the chunk. Pointers and outputs as in :func:`_attention_fwd_kernel`.
+    """
+    h = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(2).to(tl.int64)
+    b_lo = chunk * batch_per_chunk
+    b_hi = tl.minimum(B, b_lo + batch_per_chunk)
+    q_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = q_rows[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    offs_dv = tl.arange(0, BLOCK_DV)[None, :]
+    qk_scale = scale * LOG2E
+    one_tile = (rows < NQ) & (cols < NK)
+    shared_bias = ONE_KEY_TILE and (BIAS_MODE == 1 or BIAS_MODE == 2)
+    stored_bias = tl.zeros([BLOCK_M, BLOCK_N], bias_ptr.dtype.element_ty)
+    if shared_bias:
+        # modes 1 and 2 read one (H, entries) table for every batch entry: gather this program's tile once, kept in
+        # the table's dtype (half the registers of fp32 for fp16 / bf16 tables)
+        bias = (bias_ptr + h * stride_biash, stride_biasm, stride_biasn, Q_GRID_W, K_GRID_W, Q_STEP, WIN_H)
+        stored_bias = _bias_stored(bias, rows, cols, one_tile, BIAS_MODE)
+    for b in range(b_lo, b_hi):
+        bh = b * H + h
+        q_base, k_base, v_base = _head_bases(
+            q_ptr, k_ptr, v_ptr, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh
+        )
+        window_mask = _window_base(attn_mask_ptr, b, num_windows, NQ, NK)
+        q = _load_tile(q_base, rows, offs_d, stride_qn, 1, NQ, D)
+        if ONE_KEY_TILE:
+            keys = tl.arange(0, BLOCK_N)[:, None]
+            k = _load_tile(k_base, keys, offs_d, stride_kn, 1, NK, D)
+            v = _load_tile(v_base, keys, offs_dv, stride_vn, 1, NK, DV)
+            if shared_bias:
+                s = tl.dot(q, tl.trans(k)) * qk_scale + LOG2E * stored_bias.to(tl.float32)
+                if HAS_MASK:
+                    s += LOG2E * _mask_tile(window_mask, rows, cols, one_tile, NK)
+            else:
+                bias = (
+                    _head_base(bias_ptr, b, h, stride_biasb, stride_biash),
+                    stride_biasm,
+                    stride_biasn,
+                    Q_GRID_W,
+                    K_GRID_W,
+                    Q_STEP,
+                    WIN_H,
+                )
+                s = _scores(q, tl.trans(k), qk_scale, bias, window_mask, rows, cols, one_tile, NK, BIAS_MODE, HAS_MASK)
+            s = tl.where(cols < NK, s, float("-inf"))
+            m_i = tl.max(s, 1)
+            m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+            p = tl.math.exp2(s - m_safe[:, None])
+            l_i = tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v)
+        else:
+            bias = (
+                _head_base(bias_ptr, b, h, stride_biasb, stride_biash),
+                stride_biasm,
+                stride_biasn,
+                Q_GRID_W,
+                K_GRID_W,
+                Q_STEP,
+                WIN_H,
+            )
+            m_i = tl.full([BLOCK_M, 1], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M, 1], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+            for start_n in range(0, NK, BLOCK_N):
+                kj = start_n + cols
+                keys = start_n + tl.arange(0, BLOCK_N)[:, None]
+                k = _load_tile(k_base, keys, offs_d, stride_kn, 1, NK, D)
+                v = _load_tile(v_base, keys, offs_dv, stride_vn, 1, NK, DV)
+                valid = (rows < NQ) & (kj < NK)
+                s = _scores(q, tl.trans(k), qk_scale, bias, window_mask, rows, kj, valid, NK, BIAS_MODE, HAS_MASK)
+                s = tl.where(kj < NK, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1, keep_dims=True))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(s - m_safe)
+                alpha = tl.math.exp2(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, 1, keep_dims=True)
+                acc = acc * alpha + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            m_i = tl.reshape(m_i, [BLOCK_M])
+            l_i = tl.reshape(l_i, [BLOCK_M])
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
+        tl.store(
+            out_ptr + bh * NQ * DV + rows * DV + offs_dv,
+            out.to(out_ptr.dtype.element_ty),
+            mask=(rows < NQ) & (offs_dv < DV),
+        )
+        tl.store(lse_ptr + bh * NQ + rows, lse[:, None], mask=rows < NQ)
 
 
 # --- backward ---------------------------------------------------------------------------------------------------
@@ -812,6 +984,31 @@ def _fwd_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[s
     return {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
 
 
+def _fwd_short_config(
+    nq: int, nk: int, d: int, dv: int, dtype: torch.dtype, bias_mode: int = 0, has_mask: bool = False
+) -> dict[str, int] | None:
+    """Block sizes and warps of :func:`_attention_fwd_short_kernel`, or None where it does not apply (fp32, whose
+    exact dots keep :func:`_fwd_config`'s tiles; more than SHORT_MAX_TOKENS keys; head blocks over
+    SHORT_MAX_FWD_HEAD). One 16 x 16 tile where it holds every query and key (one warp per 32 head columns, as
+    :func:`_fwd_config`), else 64 x 64 tiles: one key block up to 64 keys (a one-pass softmax), streamed blocks
+    past that. The 64 x 64 tile takes SHORT_FWD_WARPS warps, one warp group, whose warp-group MMAs hold the scores
+    in 32 registers a thread, where one key block covers the keys and no score-sized tile is gathered per batch
+    entry (a table / biases bias is gathered once per program); with a mask, a dense bias or several key blocks,
+    whose per-entry gathers hold a 64-bit address per score, 2 * SHORT_FWD_WARPS warps (the kernel report's
+    figures). Not with a mask past 64 keys: that spills on sm_80 even on 8 warps."""
+    block = _head_block(d, dv)
+    if dtype == torch.float32 or block > SHORT_MAX_FWD_HEAD or nk > SHORT_MAX_TOKENS:
+        return None
+    if has_mask and nk > LONG_TILE:
+        return None  # a mask beside streamed key blocks spills on sm_80 even on 8 warps
+    if max(nq, nk) <= MIN_BLOCK:
+        warps = max(1, block // HEAD_COLUMNS_PER_WARP)
+        return {"BLOCK_M": MIN_BLOCK, "BLOCK_N": MIN_BLOCK, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
+    gathers = has_mask or bias_mode == BIAS_DENSE or nk > LONG_TILE
+    warps = 2 * SHORT_FWD_WARPS if gathers else SHORT_FWD_WARPS
+    return {"BLOCK_M": LONG_TILE, "BLOCK_N": LONG_TILE, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
+
+
 def _bwd_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[str, int]:
     """Block sizes and warps of :func:`_attention_bwd_dq_kernel` and :func:`_attention_bwd_dkdv_kernel` (the same
     tiles, transposed). The backward holds four score-sized tiles (S, P, dP, dS) and two accumulators: short
@@ -826,14 +1023,18 @@ def _bwd_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[s
     return {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
 
 
-def _short_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[str, int] | None:
+def _short_config(
+    nq: int, nk: int, d: int, dv: int, dtype: torch.dtype, has_mask: bool = False
+) -> dict[str, int] | None:
     """Block sizes and warps of :func:`_attention_bwd_short_kernel`, or None where it does not apply (fp32, whose
     exact dots keep 16 x 16 tiles; head blocks over SHORT_MAX_HEAD; more than SHORT_MAX_QUERIES queries or
     SHORT_MAX_TOKENS keys). The query tile holds every query: 16 or 64 rows. Beside 16 rows the key blocks are 64
     keys wide (16 for up to 16 keys); beside 64 rows, 16: on sm_90 the products run as warp-group MMAs whose
     64-row accumulators sit in one warp group's registers, and the four score-sized tiles (S, P, dP, dS) beside
     the dq, dk and dv accumulators fit without spilling only that narrow (the kernel report's figures). The
-    16 x 16 tile takes 4 warps, the others 8 (more would not fit 255 registers a thread in the register file;
+    16 x 16 tile takes 4 warps; the 64 x 16 tile too, one warp group, on triton 3.8 and without a mask (about 210
+    registers a thread: two blocks per SM, where 8 warps of about 170 fit one; with a mask, or on older triton,
+    4 warps spill), else 8; the 16 x 64 tile 8 (more would not fit 255 registers a thread in the register file;
     head blocks of 64 spill on 8). The dS sum of a chunk stays in registers only in the 16 x 16 tile
     (:func:`_one_key_tile`)."""
     block = _head_block(d, dv)
@@ -841,7 +1042,8 @@ def _short_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict
         return None
     block_m = MIN_BLOCK if nq <= MIN_BLOCK else LONG_TILE
     block_n = MIN_BLOCK if nk <= MIN_BLOCK or block_m == LONG_TILE else LONG_TILE
-    warps = 4 if block_n == MIN_BLOCK and block_m == MIN_BLOCK else 8
+    one_group = block_m == MIN_BLOCK or not (NARROW_TILES or has_mask)
+    warps = 4 if block_n == MIN_BLOCK and one_group else 8
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
 
 
@@ -917,6 +1119,11 @@ def _geometry(bias_mode: int, geometry: list[int]) -> dict[str, int]:
     }
 
 
+def _geometry_constexprs(geo: dict[str, int]) -> dict[str, int]:
+    """The compile-time geometry arguments of the short kernels from :func:`_geometry`."""
+    return {"Q_GRID_W": geo["q_grid_w"], "K_GRID_W": geo["k_grid_w"], "Q_STEP": geo["q_step"], "WIN_H": geo["win_h"]}
+
+
 def _bias_strides(bias: torch.Tensor | None, bias_mode: int) -> tuple[int, int, int, int]:
     """(stride_biasb, stride_biash, stride_biasm, stride_biasn) as :func:`_bias_tile` reads them."""
     if bias_mode == BIAS_REL_POS:
@@ -966,11 +1173,66 @@ def attention_fwd(
     nk, dv = k.shape[2], v.shape[3]
     out = torch.empty((batch, heads, nq, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
+    short = _fwd_short_config(nq, nk, d, dv, q.dtype, bias_mode, mask is not None)
+    if short is not None and _fwd_short_aligned(q, k, v):
+        _short_fwd(short, q, k, v, bias, mask, bias_mode, geometry, scale, out, lse)
+        return out, lse
     config = _fwd_config(nq, nk, d, dv, q.dtype)
     grid = (triton.cdiv(nq, config["BLOCK_M"]), batch * heads)
     bias_arg, mask_arg, strides, sizes, options = _shared_args(q, k, v, bias, mask, bias_mode, geometry, scale)
     _attention_fwd_kernel[grid](q, k, v, bias_arg, mask_arg, out, lse, *strides, *sizes, **options, **config)
     return out, lse
+
+
+def _fwd_short_aligned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`_attention_fwd_short_kernel` takes q, k and v: unit strides along the head dim, and the head
+    dims and every other stride multiples of SHORT_FWD_ALIGN elements (what its kernel-report variants are compiled
+    for, :data:`SHORT_FWD_ALIGNED`: Triton specialises such arguments, and the variants without that assumption
+    hold more registers than the tiles leave). Every q / k / v a ``reshape`` and ``permute`` of a linear layer's
+    output with head dims of 16, 32 or 64 passes."""
+    sizes = (q.shape[3], v.shape[3], *q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    return q.stride(3) == k.stride(3) == v.stride(3) == 1 and all(size % SHORT_FWD_ALIGN == 0 for size in sizes)
+
+
+def _short_fwd(config, q, k, v, bias, mask, bias_mode, geometry, scale, out, lse) -> None:
+    """out and lse through :func:`_attention_fwd_short_kernel`: about TARGET_PROGRAMS programs, each a query block
+    of one head over a chunk of the batch. q, k and v have unit strides along the head dim (the kernel's tiles are
+    compile-time contiguous along it)."""
+    batch, heads, nq, _ = q.shape
+    nk = k.shape[2]
+    q_blocks = triton.cdiv(nq, config["BLOCK_M"])
+    chunks, per_chunk = _short_chunks(batch, heads * q_blocks, nq, nk, False)
+    geo = _geometry(bias_mode, geometry)
+    mask_arg, num_windows = _mask_args(mask, q)
+    _attention_fwd_short_kernel[(q_blocks, heads, chunks)](
+        q,
+        k,
+        v,
+        q if bias is None else bias,
+        mask_arg,
+        out,
+        lse,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
+        *_bias_strides(bias, bias_mode),
+        batch,
+        heads,
+        nq,
+        nk,
+        q.shape[3],
+        v.shape[3],
+        scale,
+        num_windows,
+        per_chunk,
+        BIAS_MODE=bias_mode,
+        HAS_MASK=mask is not None,
+        ONE_KEY_TILE=nk <= config["BLOCK_N"],
+        **_geometry_constexprs(geo),
+        num_stages=NUM_STAGES,
+        maxnreg=MAX_REGISTERS,
+        **config,
+    )
 
 
 def attention_bwd(
@@ -1005,7 +1267,7 @@ def attention_bwd(
         same_shape = tuple(bias.shape) == full_shape
         ds_target = torch.empty(full_shape, dtype=bias.dtype if same_shape else torch.float32, device=q.device)
     tensors = (dout, q, k, v, out, lse, bias, mask)
-    short = _short_config(nq, nk, d, dv_dim, q.dtype)
+    short = _short_config(nq, nk, d, dv_dim, q.dtype, mask is not None)
     if short is not None:
         ds_sum = _short_bwd(short, tensors, bias_mode, geometry, scale, bias_grad, (dq, dk, dv), ds_target)
     else:
@@ -1121,10 +1383,7 @@ def _short_bwd(config, tensors, bias_mode, geometry, scale, bias_grad, grads, ds
         HAS_MASK=mask is not None,
         DS_MODE=ds_mode,
         ONE_KEY_TILE=ds_mode == 1 and _one_key_tile(config, nk),
-        Q_GRID_W=geo["q_grid_w"],
-        K_GRID_W=geo["k_grid_w"],
-        Q_STEP=geo["q_step"],
-        WIN_H=geo["win_h"],
+        **_geometry_constexprs(geo),
         num_stages=NUM_STAGES,
         maxnreg=MAX_REGISTERS,
         **config,
@@ -1284,7 +1543,7 @@ def _short_specs(dtype: torch.dtype, block: int, mode: int, has_mask: bool, tag:
     for the table modes the dS sum in registers (one key block) or read back per key block."""
     if dtype == torch.float32 or block > SHORT_MAX_HEAD:
         return []
-    tiles = {tuple(_short_config(nq, nk, block, block, dtype).items()) for nq in (1, 64) for nk in (1, 256)}
+    tiles = {tuple(_short_config(nq, nk, block, block, dtype, has_mask).items()) for nq in (1, 64) for nk in (1, 256)}
     ds_modes = {0: [0], BIAS_REL_POS: [0, 1], BIAS_LEVIT: [0, 1], BIAS_DENSE: [0, 2]}[mode]
     specs = []
     for tile, ds_mode in itertools.product(sorted(tiles), ds_modes):
@@ -1311,6 +1570,33 @@ def _short_specs(dtype: torch.dtype, block: int, mode: int, has_mask: bool, tag:
             )
             spec.signature["ds_ptr"] = f"*{ds_dtype}"
             specs.append(spec)
+    return specs
+
+
+def _short_fwd_specs(dtype: torch.dtype, block: int, mode: int, has_mask: bool, tag: str) -> list[KernelSpec]:
+    """Every config of :func:`_attention_fwd_short_kernel` for one dtype, head block and bias mode: each tile the
+    launcher picks, with one key block and, where the tile's key block can be one of several, with several."""
+    if _fwd_short_config(1, 1, block, block, dtype) is None:
+        return []
+    picked = set()
+    for nq, nk in itertools.product((1, LONG_TILE), (1, LONG_TILE, SHORT_MAX_TOKENS)):
+        config = _fwd_short_config(nq, nk, block, block, dtype, mode, has_mask)
+        if config is not None:
+            picked.add((tuple(config.items()), nk <= config["BLOCK_N"]))
+    specs = []
+    for tile, one_tile in sorted(picked):
+        config = dict(tile)
+        warps = config.pop("num_warps")
+        constexprs = {
+            "BIAS_MODE": mode,
+            "HAS_MASK": has_mask,
+            "ONE_KEY_TILE": one_tile,
+            **_REPORT_GEOMETRY[mode],
+            **config,
+        }
+        name = f"attention_fwd_short_{tag}_m{config['BLOCK_M']}n{config['BLOCK_N']}{'_one' if one_tile else ''}"
+        spec = _spec(name, _attention_fwd_short_kernel, dtype, constexprs, warps)
+        specs.append(dataclasses.replace(spec, aligned=SHORT_FWD_ALIGNED))
     return specs
 
 
@@ -1372,6 +1658,7 @@ def report_specs() -> list[KernelSpec]:
                             warps,
                         )
                     )
+            specs += _short_fwd_specs(dtype, block, mode, has_mask, tag)
             specs += _short_specs(dtype, block, mode, has_mask, tag)
             if mode in (BIAS_REL_POS, BIAS_LEVIT):
                 config = _table_config(block, block)

@@ -353,6 +353,25 @@ def test_short_backward_trip_counts_by_hand():
     assert (hot, outer) == (3 * 4096 * 4, 3 * 4096)
 
 
+def test_short_forward_trip_counts_by_hand():
+    """Swin-T windows in fp16: one program per head and chunk of 12 windows (342 chunks of 4096 windows, 3 heads),
+    one query block and one key block per window, so the hot loop is the loop over the chunk's windows: once per
+    window and head. CoAtNet-0 stage 3 (196 tokens, 64 images, 12 heads): 4 query blocks, and per image the key-block
+    loop runs cdiv(196, 64) = 4 times per query block, the loop around it once."""
+    swin = next(c for c in perf_model.ATTENTION_CASES if c.name == "swin_t_windows")
+    calls = perf_model.attention_calls(swin, torch.float16)
+    (fwd,) = [c for c in calls if c.fn.__name__ == "_attention_fwd_short_kernel"]
+    assert fwd.grid == (1, 3, 342) and fwd.args["batch_per_chunk"] == 12 and fwd.args["ONE_KEY_TILE"]
+    assert perf_model._triton_attention(fwd)[1] == 3 * 4096
+    coatnet = next(c for c in perf_model.ATTENTION_CASES if c.name == "coatnet0_s3")
+    calls = perf_model.attention_calls(coatnet, torch.float16)
+    (fwd,) = [c for c in calls if c.fn.__name__ == "_attention_fwd_short_kernel"]
+    blocks, heads, chunks = fwd.grid
+    assert (blocks, heads) == (4, 12) and not fwd.args["ONE_KEY_TILE"]
+    assert chunks * fwd.args["batch_per_chunk"] >= 64 > (chunks - 1) * fwd.args["batch_per_chunk"]
+    assert perf_model._triton_attention(fwd)[1] == (4 * 12 * 64 * 4, 4 * 12 * 64)
+
+
 def run_model(*args: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "vitkern.tools.perf_model", *args]
@@ -377,8 +396,8 @@ def test_quick_model_runs(quick_rows):
         "dwconv_fwd_rows",
         "dwconv_bwd_epilogue",
         "dwconv_bwd_weight",
-        "attention_fwd",
-        "attention_bwd_short",  # the quick set's attention shapes are short sequences in fp16 / bf16
+        "attention_fwd_short",  # the quick set's attention shapes are short sequences in fp16 / bf16
+        "attention_bwd_short",
         "attention_bins",
     } <= triton_kernels
     assert {row["device"] for row in rows} == set(perf_model.DEVICES)

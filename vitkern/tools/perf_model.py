@@ -618,6 +618,11 @@ def _table_iterations(a: dict[str, Any], grid: tuple[int, ...]) -> int:
     return heads * total
 
 
+def _chunk_entries(batch: int, chunks: int, per_chunk: int) -> int:
+    """Batch entries the chunks of a short attention kernel cover, chunk c holding [c * per_chunk, ...) of batch."""
+    return sum(max(0, min(batch, c * per_chunk + per_chunk) - c * per_chunk) for c in range(chunks))
+
+
 def _triton_attention(call: TritonCall) -> tuple[Work, float]:
     """Work and total hot-loop iterations of an attention kernel launch."""
     a = call.args
@@ -632,6 +637,18 @@ def _triton_attention(call: TritonCall) -> tuple[Work, float]:
     pairs = batch * heads * nq * nk
     unit = "fp32" if q.dtype == torch.float32 else TRITON_DTYPES[q.dtype]
     bias = ["bias_ptr"] if a["BIAS_MODE"] else []
+    if name == "_attention_fwd_short_kernel":
+        work = Work(
+            _tensor_bytes(a, ["q_ptr", "k_ptr", "v_ptr", *bias]),
+            _tensor_bytes(a, ["out_ptr", "lse_ptr"]),
+            pairs * (d + dv),
+            unit,
+        )
+        q_blocks, heads, chunks = call.grid
+        entries = q_blocks * heads * _chunk_entries(batch, chunks, a["batch_per_chunk"])
+        if a["ONE_KEY_TILE"]:
+            return work, entries  # the loop over the chunk's batch entries is the hot loop
+        return work, (entries * _cdiv(nk, a["BLOCK_N"]), entries)
     if name == "_attention_fwd_kernel":
         work = Work(
             _tensor_bytes(a, ["q_ptr", "k_ptr", "v_ptr", *bias]),
@@ -655,11 +672,8 @@ def _triton_attention(call: TritonCall) -> tuple[Work, float]:
         writes = ["dq_ptr", "dk_ptr", "dv_ptr"] + (["ds_ptr"] if a["DS_MODE"] else [])
         work = Work(_tensor_bytes(a, saved + ["out_ptr"]), _tensor_bytes(a, writes), pairs * (3 * d + 2 * dv), unit)
         heads, chunks = call.grid
-        entries = sum(
-            max(0, min(batch, c * a["batch_per_chunk"] + a["batch_per_chunk"]) - c * a["batch_per_chunk"])
-            for c in range(chunks)
-        )
-        return work, (heads * entries * _cdiv(nk, a["BLOCK_N"]), heads * entries)
+        entries = heads * _chunk_entries(batch, chunks, a["batch_per_chunk"])
+        return work, (entries * _cdiv(nk, a["BLOCK_N"]), entries)
     if name == "_attention_bwd_table_kernel":
         # S and dP recomputed: the least a table gradient that does not store dS must do.
         work = Work(_tensor_bytes(a, saved + ["delta_ptr"]), _tensor_bytes(a, ["partial_ptr"]), pairs * (d + dv), unit)
