@@ -17,6 +17,9 @@ Kernels (all accumulate in fp32; the softmax is streamed in base 2 with the log2
 fp16 / bf16 dots run on tensor cores, fp32 dots exact (``input_precision="ieee"``) on 16 x 16 tiles):
 
 * :func:`_attention_fwd_kernel`: per query block, streams over key blocks; writes out and lse.
+* :func:`_attention_fwd_short_kernel`: the same for fp16 / bf16 up to 256 keys and head blocks of 64, a query
+  block of one head over a chunk of batch entries, the window geometry compile-time; where one key block covers
+  the keys, a one-pass softmax and a table / biases tile gathered once per program.
 * :func:`_attention_bwd_dq_kernel`: per query block: delta = rowsum(dout * out), dq, and for a dense bias dS,
   written straight into the bias gradient when the bias has the full (B, H, Nq, Nk) shape, else into an fp32 buffer
   of that shape that the launcher sums over the broadcast dims (mode 3 only).
@@ -28,6 +31,12 @@ fp16 / bf16 dots run on tensor cores, fp32 dots exact (``input_precision="ieee"`
   order, then folds the summed (BLOCK_X, BLOCK_X) tile into column-offset bins with a gather along each query
   row. Partials (chunks, H, row offsets, column offsets) are summed over chunks by the launcher (a fixed-order
   reduction). Nothing of size (B, H, Nq, Nk) exists at any point for modes 0-2.
+* :func:`_attention_bwd_short_kernel`: fp16 / bf16 up to 256 queries and keys and head blocks of 64, per head,
+  query block and chunk of the batch: P and dS once per key block, dq, and dS summed over the chunk into a
+  (chunks, H, Nq, Nk) fp32 buffer (table / biases) or stored per entry (dense bias); where one query block holds
+  every query (up to 64, head blocks up to 32) also dk and dv, else (``SPLIT_Q``) delta for the dk/dv kernel.
+  :func:`_attention_bins_kernel` folds the buffer, summed over chunks, into the table by a fixed-order gather.
+  This replaces the dq and table kernels (and where it holds every query the dk/dv kernel) for those shapes.
 
 Launchers choose block sizes per shape in one small function per kernel (``_*_config``); ``report_specs`` lists
 every config they can pick.
@@ -77,10 +86,18 @@ SHORT_MAX_QUERIES = 64
 SHORT_MAX_TOKENS = 256
 SHORT_MAX_HEAD = 32
 SHORT_DS_BYTES = 32 << 20
+# Past SHORT_MAX_QUERIES queries (up to SHORT_MAX_TOKENS), or for head blocks up to SPLIT_MAX_HEAD, the short
+# backward splits the queries (``SPLIT_Q``): query blocks beside SPLIT_BLOCK_N-key blocks give dq and dS, the dk/dv
+# kernel dk and dv (:func:`_short_config`).
+SPLIT_BLOCK_N = 16
+SPLIT_WARPS = 8
+SPLIT_MAX_HEAD = 64
+DKDV_WARPS = 4  # the dk/dv kernel's 64 x 16 tiles of fp16 / bf16 (:func:`_dkdv_config`)
 # The short-sequence forward (:func:`_attention_fwd_short_kernel`): fp16 / bf16, up to SHORT_MAX_TOKENS keys, head
 # blocks up to SHORT_MAX_FWD_HEAD, 64-row query blocks on SHORT_FWD_WARPS warps.
-SHORT_MAX_FWD_HEAD = 32
+SHORT_MAX_FWD_HEAD = 64
 SHORT_FWD_WARPS = 4
+SHORT_FWD_STREAM_N = 32
 SHORT_FWD_ALIGN = 16
 SHORT_FWD_ALIGNED = (
     "stride_qb",
@@ -806,6 +823,7 @@ def _attention_bwd_short_kernel(
     v_ptr,
     out_ptr,
     lse_ptr,
+    delta_ptr,
     bias_ptr,
     attn_mask_ptr,
     dq_ptr,
@@ -845,6 +863,7 @@ def _attention_bwd_short_kernel(
     HAS_MASK: tl.constexpr,
     DS_MODE: tl.constexpr,
     ONE_KEY_TILE: tl.constexpr,
+    SPLIT_Q: tl.constexpr,
     Q_GRID_W: tl.constexpr,
     K_GRID_W: tl.constexpr,
     Q_STEP: tl.constexpr,
@@ -858,9 +877,13 @@ def _attention_bwd_short_kernel(
     batch entry, per key block, P and dS once, and from them dv and dk of the key block, dq accumulated over key
     blocks, and dS for the bias gradient.
 
-    Grid: (H, chunks); a program owns one head and the batch entries [chunk * batch_per_chunk, ...) of its chunk, in
-    order. DS_MODE 0: no bias gradient. DS_MODE 1 (table / biases): dS summed over the chunk's batch entries in a
-    fixed order into ds_ptr (chunks, H, NQ, NK) fp32 through its strides, the sum kept in registers where one key
+    Grid: (H, chunks, query blocks); a program owns one head, one query block and the batch entries
+    [chunk * batch_per_chunk, ...) of its chunk, in order. Without ``SPLIT_Q`` one query block holds every query.
+    With it (more queries than one tile holds) a program gives dq, dS and delta = rowsum(dout * out) (into
+    delta_ptr, (B, H, NQ) fp32) of its query block, and :func:`_attention_bwd_dkdv_kernel` dk and dv.
+
+    DS_MODE 0: no bias gradient. DS_MODE 1 (table / biases): dS summed over the chunk's batch entries in a fixed
+    order into ds_ptr (chunks, H, NQ, NK) fp32 through its strides, the sum kept in registers where one key
     block covers the keys (ONE_KEY_TILE), else read back and added per key block by the program that wrote it.
     DS_MODE 2 (dense bias): dS of each batch entry into ds_ptr (B, H, NQ, NK) through its strides. The window
     geometry (``Q_GRID_W``, ``K_GRID_W``, ``Q_STEP``, ``WIN_H``, as the runtime arguments of
@@ -871,7 +894,10 @@ def _attention_bwd_short_kernel(
     chunk = tl.program_id(1).to(tl.int64)
     b_lo = chunk * batch_per_chunk
     b_hi = tl.minimum(B, b_lo + batch_per_chunk)
-    q_rows = tl.arange(0, BLOCK_M)
+    if SPLIT_Q:
+        q_rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        q_rows = tl.arange(0, BLOCK_M)  # (with a row offset of program_id 0, sm_80 spills a few bytes at 64 x 16)
     rows = q_rows[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
@@ -891,6 +917,8 @@ def _attention_bwd_short_kernel(
         do = _load_tile(dout_ptr + bh * NQ * DV, rows, offs_dv, DV, 1, NQ, DV)
         o = _load_tile(out_ptr + bh * NQ * DV, rows, offs_dv, DV, 1, NQ, DV)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        if SPLIT_Q:
+            tl.store(delta_ptr + bh * NQ + q_rows, delta, mask=q_rows < NQ)
         lse2 = _safe_lse2(lse_ptr + bh * NQ, q_rows, NQ)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, NK, BLOCK_N):
@@ -903,19 +931,21 @@ def _attention_bwd_short_kernel(
             p = tl.where(mask, tl.math.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
-            dv_block = tl.dot(tl.trans(p.to(do.dtype)), do)
-            dk_block = tl.dot(tl.trans(ds.to(q.dtype)), q)
+            if not SPLIT_Q:
+                dv_block = tl.dot(tl.trans(p.to(do.dtype)), do)
+                dk_block = tl.dot(tl.trans(ds.to(q.dtype)), q)
             dq += tl.dot(ds.to(k.dtype), k)
-            tl.store(
-                dk_ptr + bh * NK * D + keys * D + offs_d,
-                (dk_block * scale).to(dk_ptr.dtype.element_ty),
-                mask=(keys < NK) & (offs_d < D),
-            )
-            tl.store(
-                dv_ptr + bh * NK * DV + keys * DV + offs_dv,
-                dv_block.to(dv_ptr.dtype.element_ty),
-                mask=(keys < NK) & (offs_dv < DV),
-            )
+            if not SPLIT_Q:
+                tl.store(
+                    dk_ptr + bh * NK * D + keys * D + offs_d,
+                    (dk_block * scale).to(dk_ptr.dtype.element_ty),
+                    mask=(keys < NK) & (offs_d < D),
+                )
+                tl.store(
+                    dv_ptr + bh * NK * DV + keys * DV + offs_dv,
+                    dv_block.to(dv_ptr.dtype.element_ty),
+                    mask=(keys < NK) & (offs_dv < DV),
+                )
             if DS_MODE == 1:
                 if ONE_KEY_TILE:
                     ds_sum += ds
@@ -990,21 +1020,26 @@ def _fwd_short_config(
     """Block sizes and warps of :func:`_attention_fwd_short_kernel`, or None where it does not apply (fp32, whose
     exact dots keep :func:`_fwd_config`'s tiles; more than SHORT_MAX_TOKENS keys; head blocks over
     SHORT_MAX_FWD_HEAD). One 16 x 16 tile where it holds every query and key (one warp per 32 head columns, as
-    :func:`_fwd_config`), else 64 x 64 tiles: one key block up to 64 keys (a one-pass softmax), streamed blocks
-    past that. The 64 x 64 tile takes SHORT_FWD_WARPS warps, one warp group, whose warp-group MMAs hold the scores
-    in 32 registers a thread, where one key block covers the keys and no score-sized tile is gathered per batch
-    entry (a table / biases bias is gathered once per program); with a mask, a dense bias or several key blocks,
-    whose per-entry gathers hold a 64-bit address per score, 2 * SHORT_FWD_WARPS warps (the kernel report's
-    figures). Not with a mask past 64 keys: that spills on sm_80 even on 8 warps."""
+    :func:`_fwd_config`), else 64-row tiles: up to 64 keys one 64-key block (a one-pass softmax), past that
+    streamed blocks of SHORT_FWD_STREAM_N keys. The 64 x 64 tile takes SHORT_FWD_WARPS warps, one warp group,
+    whose warp-group MMAs hold the scores in 32 registers a thread, where no score-sized tile is gathered per
+    batch entry (a table / biases bias is gathered once per program); with a mask or a dense bias, whose
+    per-entry gathers hold a 64-bit address per score, 2 * SHORT_FWD_WARPS warps. The streamed 64 x 32 tiles
+    take SHORT_FWD_WARPS warps: half the scores and addresses a thread, at least two blocks per SM (64 x 64 there
+    holds one block on 8 warps; the kernel report's and the perf model's figures). Not with a mask past 64 keys
+    beside head blocks over SHORT_MAX_HEAD, which spills."""
     block = _head_block(d, dv)
     if dtype == torch.float32 or block > SHORT_MAX_FWD_HEAD or nk > SHORT_MAX_TOKENS:
         return None
-    if has_mask and nk > LONG_TILE:
-        return None  # a mask beside streamed key blocks spills on sm_80 even on 8 warps
     if max(nq, nk) <= MIN_BLOCK:
         warps = max(1, block // HEAD_COLUMNS_PER_WARP)
         return {"BLOCK_M": MIN_BLOCK, "BLOCK_N": MIN_BLOCK, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
-    gathers = has_mask or bias_mode == BIAS_DENSE or nk > LONG_TILE
+    if nk > LONG_TILE:
+        if has_mask and block > SHORT_MAX_HEAD:
+            return None  # a mask beside streamed 64-wide heads spills on sm_90
+        n = SHORT_FWD_STREAM_N
+        return {"BLOCK_M": LONG_TILE, "BLOCK_N": n, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": SHORT_FWD_WARPS}
+    gathers = has_mask or bias_mode == BIAS_DENSE
     warps = 2 * SHORT_FWD_WARPS if gathers else SHORT_FWD_WARPS
     return {"BLOCK_M": LONG_TILE, "BLOCK_N": LONG_TILE, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
 
@@ -1023,28 +1058,57 @@ def _bwd_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[s
     return {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
 
 
+def _dkdv_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[str, int]:
+    """Block sizes and warps of :func:`_attention_bwd_dkdv_kernel`: :func:`_bwd_config`'s, but for fp16 / bf16 past
+    SHORT_TOKENS tokens and head blocks under MAX_HEAD_BLOCK (whose accumulators spill there) 64-key blocks beside
+    16-query blocks on DKDV_WARPS warps. The keys are the rows of its
+    transposed tiles, so on sm_90 the 64 keys are a warp-group MMA's 64 rows, and dk, dv and the score tiles fit
+    in one warp group's registers (the kernel report's figures; 32 x 32 tiles run as warp-level MMAs there)."""
+    config = _bwd_config(nq, nk, d, dv, dtype)
+    if dtype == torch.float32 or max(nq, nk) <= SHORT_TOKENS or _head_block(d, dv) == MAX_HEAD_BLOCK:
+        return config
+    return {**config, "BLOCK_M": MIN_BLOCK, "BLOCK_N": LONG_TILE, "num_warps": DKDV_WARPS}
+
+
 def _short_config(
     nq: int, nk: int, d: int, dv: int, dtype: torch.dtype, has_mask: bool = False
 ) -> dict[str, int] | None:
-    """Block sizes and warps of :func:`_attention_bwd_short_kernel`, or None where it does not apply (fp32, whose
-    exact dots keep 16 x 16 tiles; head blocks over SHORT_MAX_HEAD; more than SHORT_MAX_QUERIES queries or
-    SHORT_MAX_TOKENS keys). The query tile holds every query: 16 or 64 rows. Beside 16 rows the key blocks are 64
-    keys wide (16 for up to 16 keys); beside 64 rows, 16: on sm_90 the products run as warp-group MMAs whose
-    64-row accumulators sit in one warp group's registers, and the four score-sized tiles (S, P, dP, dS) beside
-    the dq, dk and dv accumulators fit without spilling only that narrow (the kernel report's figures). The
-    16 x 16 tile takes 4 warps; the 64 x 16 tile too, one warp group, on triton 3.8 and without a mask (about 210
-    registers a thread: two blocks per SM, where 8 warps of about 170 fit one; with a mask, or on older triton,
-    4 warps spill), else 8; the 16 x 64 tile 8 (more would not fit 255 registers a thread in the register file;
-    head blocks of 64 spill on 8). The dS sum of a chunk stays in registers only in the 16 x 16 tile
+    """Block sizes, ``SPLIT_Q`` and warps of :func:`_attention_bwd_short_kernel`, or None where it does not apply
+    (fp32, whose exact dots keep 16 x 16 tiles; head blocks over SPLIT_MAX_HEAD; more than SHORT_MAX_TOKENS
+    queries or keys).
+
+    Up to SHORT_MAX_QUERIES queries and head blocks of SHORT_MAX_HEAD, the query tile holds every query: 16 or 64
+    rows. Beside 16 rows the key blocks are 64 keys wide (16 for up to 16 keys); beside 64 rows, 16: on sm_90 the
+    products run as warp-group MMAs whose 64-row accumulators sit in one warp group's registers, and the four
+    score-sized tiles (S, P, dP, dS) beside the dq, dk and dv accumulators fit without spilling only that narrow.
+    The 16 x 16 tile takes 4 warps; the 64 x 16 tile too, one warp group, on triton 3.8 and without a mask (about
+    210 registers a thread: two blocks per SM, where 8 warps of about 170 fit one; with a mask, or on older
+    triton, 4 warps spill), else 8; the 16 x 64 tile 8 (more would not fit 255 registers a thread).
+
+    Past that (more queries, or head blocks up to SPLIT_MAX_HEAD) the queries are split, without dk and dv
+    accumulators: 64 x SPLIT_BLOCK_N tiles on SPLIT_WARPS warps (4 spill on sm_80; wider key blocks cost more on
+    the perf model), 16 x 16 tiles on 4 warps for head blocks over SHORT_MAX_HEAD (64 rows spill on sm_90 even on
+    8). The figures are the kernel report's. The dS sum of a chunk stays in registers only in the 16 x 16 tile
     (:func:`_one_key_tile`)."""
     block = _head_block(d, dv)
-    if dtype == torch.float32 or block > SHORT_MAX_HEAD or nq > SHORT_MAX_QUERIES or nk > SHORT_MAX_TOKENS:
+    if dtype == torch.float32 or block > SPLIT_MAX_HEAD or max(nq, nk) > SHORT_MAX_TOKENS:
         return None
+    if nq > SHORT_MAX_QUERIES or block > SHORT_MAX_HEAD:
+        block_m, warps = (LONG_TILE, SPLIT_WARPS) if block <= SHORT_MAX_HEAD else (MIN_BLOCK, 4)
+        return {
+            "BLOCK_M": block_m,
+            "BLOCK_N": SPLIT_BLOCK_N,
+            "BLOCK_D": block,
+            "BLOCK_DV": block,
+            "SPLIT_Q": True,
+            "num_warps": warps,
+        }
     block_m = MIN_BLOCK if nq <= MIN_BLOCK else LONG_TILE
     block_n = MIN_BLOCK if nk <= MIN_BLOCK or block_m == LONG_TILE else LONG_TILE
     one_group = block_m == MIN_BLOCK or not (NARROW_TILES or has_mask)
     warps = 4 if block_n == MIN_BLOCK and one_group else 8
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block, "BLOCK_DV": block, "num_warps": warps}
+    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block, "BLOCK_DV": block, "SPLIT_Q": False}
+    return {**config, "num_warps": warps}
 
 
 def _one_key_tile(config: dict[str, int], nk: int) -> bool:
@@ -1314,6 +1378,17 @@ def _long_bwd(tensors, bias_mode, geometry, scale, grads, delta, ds_target) -> N
         **options,
         **config,
     )
+    _dkdv_bwd(tensors, bias_mode, geometry, scale, (dk, dv), delta)
+
+
+def _dkdv_bwd(tensors, bias_mode, geometry, scale, grads, delta) -> None:
+    """dk, dv (``grads``) through :func:`_attention_bwd_dkdv_kernel`, from delta = rowsum(dout * out)."""
+    dout, q, k, v, out, lse, bias, mask = tensors
+    dk, dv = grads
+    batch, heads, nq, d = q.shape
+    nk, dv_dim = k.shape[2], v.shape[3]
+    bias_arg, mask_arg, strides, sizes, options = _shared_args(q, k, v, bias, mask, bias_mode, geometry, scale)
+    config = _dkdv_config(nq, nk, d, dv_dim, q.dtype)
     _attention_bwd_dkdv_kernel[(triton.cdiv(nk, config["BLOCK_N"]), batch * heads)](
         dout,
         q,
@@ -1341,7 +1416,10 @@ def _short_bwd(config, tensors, bias_mode, geometry, scale, bias_grad, grads, ds
     batch, heads, nq, _ = q.shape
     nk = k.shape[2]
     table_grad = bias_grad and bias_mode in (BIAS_REL_POS, BIAS_LEVIT)
-    chunks, per_chunk = _short_chunks(batch, heads, nq, nk, table_grad)
+    q_blocks = triton.cdiv(nq, config["BLOCK_M"])
+    chunks, per_chunk = _short_chunks(batch, heads * q_blocks, nq, nk, table_grad)
+    split = config["SPLIT_Q"]
+    delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device) if split else lse
     if table_grad:
         ds = torch.empty((chunks, heads, nq, nk), dtype=torch.float32, device=q.device)
         ds_mode = 1
@@ -1352,13 +1430,14 @@ def _short_bwd(config, tensors, bias_mode, geometry, scale, bias_grad, grads, ds
     geo = _geometry(bias_mode, geometry)
     mask_arg, num_windows = _mask_args(mask, q)
     config = dict(config)
-    _attention_bwd_short_kernel[(heads, chunks)](
+    _attention_bwd_short_kernel[(heads, chunks, q_blocks)](
         dout,
         q,
         k,
         v,
         out,
         lse,
+        delta,
         q if bias is None else bias,
         mask_arg,
         dq,
@@ -1388,6 +1467,8 @@ def _short_bwd(config, tensors, bias_mode, geometry, scale, bias_grad, grads, ds
         maxnreg=MAX_REGISTERS,
         **config,
     )
+    if split:
+        _dkdv_bwd(tensors, bias_mode, geometry, scale, (dk, dv), delta)
     if not table_grad:
         return None
     return (ds.sum(0) if chunks > 1 else ds[0]).reshape(heads, nq * nk)
@@ -1541,14 +1622,19 @@ def _short_specs(dtype: torch.dtype, block: int, mode: int, has_mask: bool, tag:
     """Every config of :func:`_attention_bwd_short_kernel` for one dtype, head block and bias mode: each tile the
     launcher picks, each dS mode the bias mode allows (dS of a dense bias stored in fp32 or in the data dtype), and
     for the table modes the dS sum in registers (one key block) or read back per key block."""
-    if dtype == torch.float32 or block > SHORT_MAX_HEAD:
+    if dtype == torch.float32 or block > SPLIT_MAX_HEAD:
         return []
-    tiles = {tuple(_short_config(nq, nk, block, block, dtype, has_mask).items()) for nq in (1, 64) for nk in (1, 256)}
+    tiles = {
+        tuple(_short_config(nq, nk, block, block, dtype, has_mask).items())
+        for nq in (1, SHORT_MAX_QUERIES, SHORT_MAX_TOKENS)
+        for nk in (1, SHORT_MAX_TOKENS)
+    }
     ds_modes = {0: [0], BIAS_REL_POS: [0, 1], BIAS_LEVIT: [0, 1], BIAS_DENSE: [0, 2]}[mode]
     specs = []
     for tile, ds_mode in itertools.product(sorted(tiles), ds_modes):
         config = dict(tile)
         warps = config.pop("num_warps")
+        split = "_split" if config["SPLIT_Q"] else ""
         one_tile_choices = {_one_key_tile(config, nk) for nk in (1, SHORT_MAX_TOKENS)} if ds_mode == 1 else {False}
         ds_dtypes = ("fp32", TRITON_DTYPES[dtype]) if ds_mode == 2 else ("fp32",)
         for one_tile, ds_dtype in itertools.product(sorted(one_tile_choices), ds_dtypes):
@@ -1561,7 +1647,7 @@ def _short_specs(dtype: torch.dtype, block: int, mode: int, has_mask: bool, tag:
                 **config,
             }
             spec = _spec(
-                f"attention_bwd_short_{tag}_m{config['BLOCK_M']}n{config['BLOCK_N']}_ds{ds_mode}"
+                f"attention_bwd_short_{tag}_m{config['BLOCK_M']}n{config['BLOCK_N']}{split}_ds{ds_mode}"
                 f"{'_one' if one_tile else ''}{'_' + ds_dtype if ds_mode == 2 else ''}",
                 _attention_bwd_short_kernel,
                 dtype,
@@ -1637,17 +1723,19 @@ def report_specs() -> list[KernelSpec]:
                         warps,
                     )
                 )
-            for config in _configs(_bwd_config, block, dtype):
+            for config in _configs(_dkdv_config, block, dtype):
                 warps = config.pop("num_warps")
                 specs.append(
                     _spec(
-                        f"attention_bwd_dkdv_{tag}_t{config['BLOCK_M']}",
+                        f"attention_bwd_dkdv_{tag}_m{config['BLOCK_M']}n{config['BLOCK_N']}",
                         _attention_bwd_dkdv_kernel,
                         dtype,
                         {**switches, **config},
                         warps,
                     )
                 )
+            for config in _configs(_bwd_config, block, dtype):
+                warps = config.pop("num_warps")
                 for bias_grad in (False, True) if mode == BIAS_DENSE else (False,):
                     specs.append(
                         _spec(

@@ -4,8 +4,11 @@ P and dS once per key block, dq, dk, dv and the bias gradient's dS from them) ag
 fp16 under the interpreter (which has no bf16): every bias mode; the table gradient's dS summed over a chunk of
 batch entries both ways (in registers where one key block covers the keys, read back per key block where several
 do); several chunks; the Swin mask; a dense bias of the full and of a broadcast shape. Also: bitwise deterministic
-table gradients, no (B, H, Nq, Nk) allocation, and which calls the kernel takes. The long-sequence kernels are
-stubbed out in these tests, so a pass is the short kernel's.
+table gradients, no (B, H, Nq, Nk) allocation, and which calls the kernel takes. Past 64 queries, and for head
+blocks of 64, the kernel splits the queries (``SPLIT_Q``: dq and dS per query block, dk and dv from the dk/dv
+kernel): the same cases there. The
+long-sequence kernels (the dq kernel, the table kernel) are stubbed out in these tests, so a pass is the short
+kernel's.
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ REL_POS_CASES = [
     (4, 2, (2, 3), 16, 4),  # two chunks of 2 entries, one 16 x 16 tile: the sum in registers
     (3, 1, (8, 8), 16, 1),  # one chunk of 3 entries, 64 keys in 16-key blocks: read back per block
     (2, 2, (1, 16), 32, 1024),  # one entry per chunk
+    (3, 2, (9, 9), 16, 4),  # split queries: two 64-row blocks of 81, two chunks, the sum read back per key block
+    (2, 1, (10, 13), 32, 1024),  # split queries: 130 queries in three blocks, three key blocks, one entry per chunk
+    (3, 2, (4, 5), 64, 2),  # head dim 64: split queries in 16-row blocks, 16-key blocks
 ]
 
 
@@ -87,7 +93,18 @@ def test_rel_pos(monkeypatch, batch, heads, window, d, target):
 
 
 @pytest.mark.parametrize(
-    "resolution, stride, d, dv", [(7, 1, 16, 32), (4, 2, 16, 32), (14, 2, 16, 32), (7, 2, 32, 16), (5, 3, 8, 16)]
+    "resolution, stride, d, dv",
+    [
+        (7, 1, 16, 32),
+        (4, 2, 16, 32),
+        (14, 2, 16, 32),
+        (7, 2, 32, 16),
+        (5, 3, 8, 16),
+        (9, 1, 16, 32),
+        (15, 2, 16, 16),
+        (7, 2, 16, 64),  # LeViT's shrink attention: 64-wide values
+        (4, 1, 16, 64),  # 16 tokens, 64-wide values: one 16 x 16 tile, the dS sum in registers
+    ],
 )
 def test_levit(monkeypatch, resolution, stride, d, dv):
     monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 2)
@@ -108,16 +125,20 @@ def test_levit(monkeypatch, resolution, stride, d, dv):
 
 
 @pytest.mark.parametrize(
-    "batch, heads, nq, nk, bias_shape",
+    "batch, heads, nq, nk, dv, bias_shape",
     [
-        (2, 2, 15, 17, None),
-        (2, 3, 20, 20, (2, 3, 20, 20)),
-        (2, 2, 60, 70, (1, 2, 60, 70)),
-        (3, 2, 9, 12, (1, 1, 1, 12)),
+        (2, 2, 15, 17, 32, None),
+        (2, 3, 20, 20, 32, (2, 3, 20, 20)),
+        (2, 2, 60, 70, 32, (1, 2, 60, 70)),
+        (3, 2, 9, 12, 32, (1, 1, 1, 12)),
+        (2, 2, 70, 50, 32, (2, 2, 70, 50)),  # split queries
+        (2, 1, 100, 30, 32, (2, 1, 1, 30)),
+        (1, 2, 66, 66, 32, None),
+        (2, 2, 20, 36, 64, (1, 2, 20, 36)),  # 64-wide values: split queries in 16-row blocks
     ],
 )
-def test_dense(batch, heads, nq, nk, bias_shape):
-    q, k, v = torch.randn(batch, heads, nq, 16), torch.randn(batch, heads, nk, 16), torch.randn(batch, heads, nk, 32)
+def test_dense(batch, heads, nq, nk, dv, bias_shape):
+    q, k, v = torch.randn(batch, heads, nq, 16), torch.randn(batch, heads, nk, 16), torch.randn(batch, heads, nk, dv)
     if bias_shape is None:
         _check(vitkern.ops.biased_attention, reference.biased_attention, _half(q, k, v), "qkv")
     else:
@@ -126,10 +147,12 @@ def test_dense(batch, heads, nq, nk, bias_shape):
 
 
 @pytest.mark.parametrize("masked", [-100.0, float("-inf")])
-def test_swin_mask(monkeypatch, masked):
-    """mask[b % num_windows] added to batch entry b, with a chunk of several entries and windows."""
+@pytest.mark.parametrize("window", [(4, 4), (9, 8)])
+def test_swin_mask(monkeypatch, masked, window):
+    """mask[b % num_windows] added to batch entry b, with a chunk of several entries and windows (9 x 8: split
+    queries)."""
     monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 2)
-    batch, heads, window, num_windows = 6, 2, (4, 4), 3
+    batch, heads, num_windows = 6, 2, 3
     tokens = window[0] * window[1]
     labels = torch.randint(0, 3, (num_windows, tokens))
     labels[0] = 0
@@ -146,13 +169,14 @@ def test_swin_mask(monkeypatch, masked):
     )
 
 
-@pytest.mark.parametrize("mode", ["rel_pos", "levit"])
+@pytest.mark.parametrize("mode", ["rel_pos", "rel_pos_split", "levit"])
 def test_table_gradient_is_bitwise_deterministic(monkeypatch, mode):
     monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 4)
-    if mode == "rel_pos":
-        q, k, v = _half(*(torch.randn(5, 2, 49, 16) for _ in range(3)))
-        bias = torch.randn(169, 2).half()
-        op = lambda *t: vitkern.ops.rel_pos_attention(*t, window=(7, 7))  # noqa: E731
+    if mode.startswith("rel_pos"):
+        side = 9 if mode == "rel_pos_split" else 7
+        q, k, v = _half(*(torch.randn(5, 2, side * side, 16) for _ in range(3)))
+        bias = torch.randn((2 * side - 1) ** 2, 2).half()
+        op = lambda *t: vitkern.ops.rel_pos_attention(*t, window=(side, side))  # noqa: E731
     else:
         q, k, v = _half(torch.randn(5, 2, 49, 16), torch.randn(5, 2, 196, 16), torch.randn(5, 2, 196, 32))
         bias = torch.randn(2, 196).half()
@@ -164,7 +188,7 @@ def test_table_gradient_is_bitwise_deterministic(monkeypatch, mode):
     assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("window", [(7, 7), (8, 8)])
+@pytest.mark.parametrize("window", [(7, 7), (8, 8), (9, 9)])
 def test_no_score_matrix_allocation(monkeypatch, window):
     """The dS partials are (chunks, H, Nq, Nk) fp32 with fewer chunks than batch entries (here one of eight): nothing
     of B * H * Nq * Nk fp16 elements or more is allocated, while the reference, which materialises the scores, is
@@ -206,9 +230,29 @@ def test_pair_index_lists_every_pair_once():
 def test_short_config_takes_only_its_calls():
     assert kernels._short_config(49, 49, 32, 32, torch.float16) is not None
     assert kernels._short_config(64, 256, 32, 32, torch.bfloat16) is not None
-    assert kernels._short_config(64, 64, 64, 32, torch.float16) is None
+    assert kernels._short_config(64, 64, 64, 32, torch.float16)["SPLIT_Q"]
+    assert kernels._short_config(64, 64, 128, 32, torch.float16) is None
     assert kernels._short_config(49, 196, 16, 32, torch.float16) is not None
     assert kernels._short_config(49, 49, 32, 32, torch.float32) is None
     assert kernels._short_config(49, 49, 128, 32, torch.float16) is None
-    assert kernels._short_config(65, 65, 32, 32, torch.float16) is None
     assert kernels._short_config(16, 300, 32, 32, torch.float16) is None
+    assert not kernels._short_config(64, 256, 32, 32, torch.float16)["SPLIT_Q"]
+    assert kernels._short_config(65, 65, 32, 32, torch.float16)["SPLIT_Q"]
+    assert kernels._short_config(256, 256, 32, 32, torch.bfloat16)["SPLIT_Q"]
+    assert kernels._short_config(257, 64, 32, 32, torch.float16) is None
+    assert kernels._short_config(196, 196, 64, 64, torch.float16)["BLOCK_M"] == 16
+    assert kernels._short_config(196, 196, 32, 128, torch.float16) is None
+
+
+def test_split_queries_take_the_dkdv_kernel_once(monkeypatch):
+    """Past 64 queries: one launch of the short kernel with SPLIT_Q over every query block, then dk and dv from the
+    dk/dv kernel; up to 64, the short kernel alone."""
+    launches = []
+    real_dkdv = kernels._dkdv_bwd
+    monkeypatch.setattr(kernels, "_dkdv_bwd", lambda *args: launches.append("dkdv") or real_dkdv(*args))
+    for tokens, want in ((81, ["dkdv"]), (64, [])):
+        launches.clear()
+        q, k, v = _half(*(torch.randn(2, 1, tokens, 16) for _ in range(3)))
+        with vitkern.backend("triton"):
+            _grads(vitkern.ops.biased_attention, [q, k, v], torch.randn(2, 1, tokens, 16).half())
+        assert launches == want, tokens

@@ -2,10 +2,10 @@
 over a chunk of batch entries, the window geometry compile-time) against plain-PyTorch math.
 
 fp16 under the interpreter (which has no bf16): every bias mode; one key block (a one-pass softmax, a table bias
-gathered once per program) and several (the streamed softmax); 16- and 64-row query blocks; chunks of one and of
-several batch entries; the Swin mask across windows; a query row with every score -inf. out is checked within 2x the
-fp16 reference's error, lse against logsumexp of the fp32 scores of the same fp16 inputs. The long-sequence forward
-is stubbed out, so a pass is the short kernel's.
+gathered once per program) and several (the streamed softmax, 32-key blocks); 16- and 64-row query blocks; chunks
+of one and of several batch entries; the Swin mask across windows, with one key block and with several; a query
+row with every score -inf. out is checked within 2x the fp16 reference's error, lse against logsumexp of the fp32
+scores of the same fp16 inputs. The long-sequence forward is stubbed out, so a pass is the short kernel's.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def _half(*shape):
         (3, 2, (14, 14), 32, 8),  # 196 tokens: 4 query blocks, key blocks streamed, one chunk of 3
         (4, 1, (2, 3), 16, 1024),  # 6 tokens in a 16 x 16 tile, one entry per chunk
         (3, 2, (8, 8), 16, 2),  # 64 keys in one block
+        (2, 2, (9, 9), 64, 4),  # head dim 64, 81 keys streamed
     ],
 )
 def test_rel_pos(monkeypatch, batch, heads, window, d, target):
@@ -74,7 +75,9 @@ def test_rel_pos(monkeypatch, batch, heads, window, d, target):
     _check(q, k, v, table, None, kernels.BIAS_REL_POS, list(window), dense)
 
 
-@pytest.mark.parametrize("resolution, stride, d, dv", [(7, 1, 16, 32), (4, 2, 16, 32), (14, 2, 16, 32), (9, 1, 32, 32)])
+@pytest.mark.parametrize(
+    "resolution, stride, d, dv", [(7, 1, 16, 32), (4, 2, 16, 32), (14, 2, 16, 32), (9, 1, 32, 32), (10, 2, 16, 64)]
+)
 def test_levit(monkeypatch, resolution, stride, d, dv):
     monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 2)
     batch, heads = 3, 2
@@ -102,10 +105,12 @@ def test_dense_and_none(monkeypatch, nq, nk, bias_shape):
 
 
 @pytest.mark.parametrize("masked", [-100.0, float("-inf")])
-def test_swin_mask(monkeypatch, masked):
-    """mask[b % num_windows] added to batch entry b, a chunk spanning several windows, the table gathered once."""
+@pytest.mark.parametrize("window", [(4, 4), (9, 9)])
+def test_swin_mask(monkeypatch, masked, window):
+    """mask[b % num_windows] added to batch entry b, a chunk spanning several windows, the table gathered once
+    (4 x 4) or per key block beside the streamed keys (9 x 9)."""
     monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 2)
-    batch, heads, window, num_windows = 6, 2, (4, 4), 3
+    batch, heads, num_windows = 6, 2, 3
     tokens = window[0] * window[1]
     labels = torch.randint(0, 3, (num_windows, tokens))
     labels[0] = 0
@@ -136,7 +141,8 @@ def test_row_with_every_score_masked(nk):
 
 
 def test_what_the_short_forward_leaves_to_the_long_one(monkeypatch):
-    """Head dims that are not multiples of 16 and a mask past 64 keys take the long-sequence forward."""
+    """Head dims that are not multiples of 16, more than 256 keys and a mask beside 64-wide heads past 64 keys take
+    the long-sequence forward."""
     long_calls = []
 
     class _Counted:
@@ -148,14 +154,16 @@ def test_what_the_short_forward_leaves_to_the_long_one(monkeypatch):
     monkeypatch.setattr(kernels, "_attention_fwd_short_kernel", _Refused())
     q, k, v = _half(2, 2, 25, 8), _half(2, 2, 25, 8), _half(2, 2, 25, 8)
     _check(q, k, v, None, None, 0, [], torch.zeros(1, 1, 25, 25))
+    q, k, v = _half(1, 1, 20, 16), _half(1, 1, 260, 16), _half(1, 1, 260, 16)
+    _check(q, k, v, None, None, 0, [], torch.zeros(1, 1, 20, 260))
     window = (9, 9)
     mask = torch.zeros(1, 81, 81)
     mask[0, :40, 40:] = -100.0
-    q, k, v = (_half(2, 2, 81, 16) for _ in range(3))
-    table = _half(17 * 17, 2)
+    q, k, v = (_half(2, 1, 81, 64) for _ in range(3))
+    table = _half(17 * 17, 1)
     dense = reference.rel_pos_bias(table.float(), window).unsqueeze(0) + mask
     _check(q, k, v, table, mask.half(), kernels.BIAS_REL_POS, list(window), dense)
-    assert len(long_calls) == 2
+    assert len(long_calls) == 3
 
 
 def test_short_forward_config_takes_only_its_calls():
@@ -167,11 +175,12 @@ def test_short_forward_config_takes_only_its_calls():
         "num_warps": 4,
     }
     assert kernels._fwd_short_config(16, 16, 16, 32, torch.bfloat16)["BLOCK_M"] == 16
-    assert kernels._fwd_short_config(196, 196, 32, 32, torch.float16)["BLOCK_N"] == 64
-    assert kernels._fwd_short_config(49, 256, 32, 32, torch.float16)["num_warps"] == 8
+    streamed = kernels._fwd_short_config(196, 196, 32, 32, torch.float16)
+    assert (streamed["BLOCK_N"], streamed["num_warps"]) == (32, 4)
     assert kernels._fwd_short_config(49, 49, 32, 32, torch.float16, kernels.BIAS_REL_POS, True)["num_warps"] == 8
-    assert kernels._fwd_short_config(81, 81, 32, 32, torch.float16, kernels.BIAS_REL_POS, True) is None
-    assert kernels._fwd_short_config(49, 49, 64, 64, torch.float16) is None
+    assert kernels._fwd_short_config(81, 81, 32, 32, torch.float16, kernels.BIAS_REL_POS, True)["BLOCK_N"] == 32
+    assert kernels._fwd_short_config(49, 49, 64, 64, torch.float16)["BLOCK_D"] == 64
+    assert kernels._fwd_short_config(81, 81, 64, 64, torch.float16, kernels.BIAS_REL_POS, True) is None
     assert kernels._fwd_short_config(49, 49, 32, 32, torch.float32) is None
     assert kernels._fwd_short_config(49, 257, 32, 32, torch.float16) is None
     assert kernels._fwd_short_config(49, 49, 128, 32, torch.float16) is None

@@ -348,16 +348,32 @@ def test_short_backward_trip_counts_by_hand():
     case = next(c for c in perf_model.ATTENTION_CASES if c.name == "swin_t_windows")
     calls = perf_model.attention_calls(case, torch.float16)
     (short,) = [call for call in calls if call.fn.__name__ == "_attention_bwd_short_kernel"]
-    assert short.grid == (3, 342) and short.args["batch_per_chunk"] == 12
+    assert short.grid == (3, 342, 1) and short.args["batch_per_chunk"] == 12
     _, (hot, outer) = perf_model._triton_attention(short)
     assert (hot, outer) == (3 * 4096 * 4, 3 * 4096)
+
+
+def test_split_backward_trip_counts_by_hand():
+    """CoAtNet-0 stage 3 in fp16 (196 tokens, 64 images, 12 heads): the short backward splits the queries into 4
+    blocks of 64, per image the key-block loop runs cdiv(196, 16) = 13 times per query block and head, the loop
+    around it once; the dk/dv kernel runs one program per 64-key block and image-head, 13 query blocks of 16 each."""
+    case = next(c for c in perf_model.ATTENTION_CASES if c.name == "coatnet0_s3")
+    calls = perf_model.attention_calls(case, torch.float16)
+    (short,) = [call for call in calls if call.fn.__name__ == "_attention_bwd_short_kernel"]
+    heads, chunks, blocks = short.grid
+    assert (heads, blocks) == (12, 4) and short.args["SPLIT_Q"]
+    assert chunks * short.args["batch_per_chunk"] >= 64 > (chunks - 1) * short.args["batch_per_chunk"]
+    assert perf_model._triton_attention(short)[1] == (12 * 4 * 64 * 13, 12 * 4 * 64)
+    (dkdv,) = [call for call in calls if call.fn.__name__ == "_attention_bwd_dkdv_kernel"]
+    assert dkdv.grid == (4, 64 * 12)
+    assert perf_model._triton_attention(dkdv)[1] == 4 * 64 * 12 * 13
 
 
 def test_short_forward_trip_counts_by_hand():
     """Swin-T windows in fp16: one program per head and chunk of 12 windows (342 chunks of 4096 windows, 3 heads),
     one query block and one key block per window, so the hot loop is the loop over the chunk's windows: once per
     window and head. CoAtNet-0 stage 3 (196 tokens, 64 images, 12 heads): 4 query blocks, and per image the key-block
-    loop runs cdiv(196, 64) = 4 times per query block, the loop around it once."""
+    loop runs cdiv(196, 32) = 7 times per query block, the loop around it once."""
     swin = next(c for c in perf_model.ATTENTION_CASES if c.name == "swin_t_windows")
     calls = perf_model.attention_calls(swin, torch.float16)
     (fwd,) = [c for c in calls if c.fn.__name__ == "_attention_fwd_short_kernel"]
@@ -369,7 +385,7 @@ def test_short_forward_trip_counts_by_hand():
     blocks, heads, chunks = fwd.grid
     assert (blocks, heads) == (4, 12) and not fwd.args["ONE_KEY_TILE"]
     assert chunks * fwd.args["batch_per_chunk"] >= 64 > (chunks - 1) * fwd.args["batch_per_chunk"]
-    assert perf_model._triton_attention(fwd)[1] == (4 * 12 * 64 * 4, 4 * 12 * 64)
+    assert perf_model._triton_attention(fwd)[1] == (4 * 12 * 64 * 7, 4 * 12 * 64)
 
 
 def run_model(*args: str) -> subprocess.CompletedProcess:

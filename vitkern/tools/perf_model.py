@@ -668,11 +668,16 @@ def _triton_attention(call: TritonCall) -> tuple[Work, float]:
         )
         return work, programs * _cdiv(nq, a["BLOCK_M"])
     if name == "_attention_bwd_short_kernel":
-        # one pass: S and dP, then dv, dk and dq from P and dS; the dS partials written once per chunk
-        writes = ["dq_ptr", "dk_ptr", "dv_ptr"] + (["ds_ptr"] if a["DS_MODE"] else [])
-        work = Work(_tensor_bytes(a, saved + ["out_ptr"]), _tensor_bytes(a, writes), pairs * (3 * d + 2 * dv), unit)
-        heads, chunks = call.grid
-        entries = heads * _chunk_entries(batch, chunks, a["batch_per_chunk"])
+        # one pass: S and dP, then dq (and without SPLIT_Q dv and dk) from P and dS; the dS partials written once
+        # per chunk; with SPLIT_Q delta for the dk/dv kernel
+        ds = ["ds_ptr"] if a["DS_MODE"] else []
+        if a["SPLIT_Q"]:
+            writes, flops = ["dq_ptr", "delta_ptr", *ds], pairs * (2 * d + dv)
+        else:
+            writes, flops = ["dq_ptr", "dk_ptr", "dv_ptr", *ds], pairs * (3 * d + 2 * dv)
+        work = Work(_tensor_bytes(a, saved + ["out_ptr"]), _tensor_bytes(a, writes), flops, unit)
+        heads, chunks, q_blocks = call.grid
+        entries = heads * q_blocks * _chunk_entries(batch, chunks, a["batch_per_chunk"])
         return work, (entries * _cdiv(nk, a["BLOCK_N"]), entries)
     if name == "_attention_bwd_table_kernel":
         # S and dP recomputed: the least a table gradient that does not store dS must do.
