@@ -11,7 +11,11 @@ Kernels:
 
 * ``_dwconv_fwd_kernel``: the convolution and the whole epilogue, one program per tile of output pixels (x a
   block of channels for channels_last) of one image; a runtime loop over blocks of BLOCK_T taps gathers a
-  (taps, pixels, channels) tile per step, so the kernel size is not a compile-time constant.
+  (taps, pixels, channels) tile per step, so the kernel size is not a compile-time constant. NCHW forwards the
+  row kernel does not take run it.
+* ``_dwconv_fwd_cl_kernel``: the same for channels_last, one tap at a time over (pixels, channels) tiles whose
+  channels are contiguous: one vector load per pixel and run of channels, one weight vector per tap. It also gives
+  dx of channels_last at stride 1, the convolution of gz with the weights flipped.
 * ``_dwconv_fwd_rows_kernel``: the same for NCHW fp16/bf16 at stride 1 with "same" padding and a square kernel of
   3, 5, 7 or 9, on tensor cores: a 16 x 32 output tile is one product of the input rows it reads, laid side by
   side, and a banded weight matrix built once per program for all the images it runs. It also gives dx there, the
@@ -32,6 +36,7 @@ backward's gz buffer has the storage dtype, as dy.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 import triton
@@ -48,6 +53,13 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 # the channels (else the last).
 NCHW_TILES = ((16, 64, 1, 2), (16, 128, 1, 4))
 CHANNELS_LAST_TILES = ((8, 16, 16, 4), (16, 4, 32, 4))
+# (BLOCK_P, BLOCK_C, num_warps) of the channels_last forward (_dwconv_fwd_cl_kernel), by whether the channels are
+# a multiple of CL_FWD_ALIGN (then triton compiles the strides as multiples of 16 and the loads as 16-byte vectors;
+# the element-wise loads of other channel counts spill at 64 channels).
+CL_FWD_TILES = {True: (64, 64, 4), False: (64, 16, 4)}
+CL_FWD_ALIGN = 16
+CL_FWD_MAX_REGISTERS = 255  # left to its own heuristics ptxas caps the fp32 64 x 64 tile at 128 and spills on sm_80
+CL_FWD_ALIGNED = ("C", "stride_xn", "stride_xh", "stride_xw", "stride_yn", "stride_yh", "stride_yw")
 # The forward's tensor-core row kernel (_dwconv_fwd_rows_kernel), which also gives dx from gz for the same calls: NCHW
 # fp16/bf16 at stride 1, dilation 1 and "same" padding with a square kernel of one of ROW_SIZES. (BLOCK_R, BLOCK_W,
 # num_warps) = ROW_TILE, tiles of BLOCK_R x BLOCK_W outputs. Where the width is a multiple of ROW_ALIGN the input
@@ -211,6 +223,94 @@ def _dwconv_fwd_kernel(
     y_off = _image_offsets(n, c, oh, ow, stride_yn, stride_yc, stride_yh, stride_yw)
     _fwd_epilogue(
         tl.sum(acc, axis=0),
+        c[None, :],
+        c_mask[None, :],
+        bias_ptr,
+        scale_ptr,
+        shift_ptr,
+        res_ptr,
+        y_ptr,
+        z_ptr,
+        y_off,
+        p_mask[:, None] & c_mask[None, :],
+        HAS_BIAS,
+        HAS_SCALE,
+        HAS_SHIFT,
+        HAS_RESIDUAL,
+        ACTIVATION,
+        SAVE_Z,
+    )
+
+
+@triton.jit
+def _dwconv_fwd_cl_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    scale_ptr,
+    shift_ptr,
+    res_ptr,
+    y_ptr,
+    z_ptr,
+    C,
+    H,
+    W,
+    OH,
+    OW,
+    stride_xn,
+    stride_xh,
+    stride_xw,
+    stride_yn,
+    stride_yh,
+    stride_yw,
+    KH,
+    KW,
+    STRIDE_H,
+    STRIDE_W,
+    PAD_T,
+    PAD_L,
+    DIL_H,
+    DIL_W,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    SAVE_Z: tl.constexpr,
+    EVEN_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The forward of :func:`_dwconv_fwd_kernel` for channels_last x and y (channel stride 1), one tap at a time.
+
+    Grid as there, tiles of (BLOCK_P output pixels, BLOCK_C channels). Each tap reads one (BLOCK_P, BLOCK_C) input
+    tile, a run of contiguous channels per pixel (16-byte vectors where C is a multiple of 16), and one (BLOCK_C,)
+    weight vector: w_ptr is the tap-major fp32 copy (KH * KW, C), contiguous. The pixel offsets and bounds are
+    computed once per program; a tap adds one offset, the same for every pixel, and its row and column checks.
+    """
+    n, oh, ow, p_mask, c, c_mask = _pixel_tile(tl.program_id(0), OH, OW, C, BLOCK_P, BLOCK_C)
+    x_base = x_ptr + n.to(tl.int64) * stride_xn + c[None, :]
+    ih0 = oh * STRIDE_H - PAD_T
+    iw0 = ow * STRIDE_W - PAD_L
+    pixel = (ih0 * stride_xh + iw0 * stride_xw)[:, None]
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for kh in range(KH):
+        ih = ih0 + kh * DIL_H
+        row_ok = p_mask & (ih >= 0) & (ih < H)
+        for kw in range(KW):
+            iw = iw0 + kw * DIL_W
+            ok = (row_ok & (iw >= 0) & (iw < W))[:, None]
+            tap = kh * DIL_H * stride_xh + kw * DIL_W * stride_xw
+            if EVEN_C:
+                xv = tl.load(x_base + pixel + tap, mask=ok, other=0.0)
+                wv = tl.load(w_ptr + (kh * KW + kw) * C + c)
+            else:
+                xv = tl.load(x_base + pixel + tap, mask=ok & c_mask[None, :], other=0.0)
+                wv = tl.load(w_ptr + (kh * KW + kw) * C + c, mask=c_mask, other=0.0)
+            acc += xv.to(tl.float32) * wv[None, :]
+    y_off = _image_offsets(n, c, oh, ow, stride_yn, 1, stride_yh, stride_yw)
+    _fwd_epilogue(
+        acc,
         c[None, :],
         c_mask[None, :],
         bias_ptr,
@@ -813,6 +913,43 @@ def _fwd_rows(
     )
 
 
+def _fwd_cl(x, w, epilogue_tensors, y, z, epilogue, kernel, stride, pads, dilation) -> None:
+    """Launch the channels_last forward: y (and z) = the convolution of x with the tap-major fp32 weights w
+    (KH * KW, C) for a ``kernel`` (KH, KW) at ``stride``, top / left ``pads`` and ``dilation``, the output's size
+    that of y, and the epilogue of the flags in ``epilogue`` with (bias, scale, shift, residual) =
+    ``epilogue_tensors``."""
+    n, channels, height, width = x.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    block_p, block_c, warps = CL_FWD_TILES[channels % CL_FWD_ALIGN == 0]
+    grid = (n * triton.cdiv(channels, block_c) * triton.cdiv(out_h * out_w, block_p),)
+    _dwconv_fwd_cl_kernel[grid](
+        x,
+        w,
+        *epilogue_tensors,
+        y,
+        z,
+        channels,
+        height,
+        width,
+        out_h,
+        out_w,
+        x.stride(0),
+        *x.stride()[2:],
+        y.stride(0),
+        *y.stride()[2:],
+        *kernel,
+        *stride,
+        *pads,
+        *dilation,
+        **epilogue,
+        EVEN_C=channels % block_c == 0,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        num_warps=warps,
+        maxnreg=CL_FWD_MAX_REGISTERS,
+    )
+
+
 def depthwise_conv2d_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -862,6 +999,10 @@ def depthwise_conv2d_fwd(
     )
     if uses_row_kernel(x, weight, stride, padding, dilation):
         _fwd_rows(x, weight, tensors[2:6], y, z if save_z else y, epilogue)
+        return y, z
+    if channels_last:
+        pads = (padding[0], padding[2])
+        _fwd_cl(x, w.float(), tensors[2:6], y, z if save_z else y, epilogue, weight.shape[2:], stride, pads, dilation)
         return y, z
     block_t, block_p, block_c, warps = conv_tile(out_h * out_w, channels, channels_last)
     grid = (n * triton.cdiv(channels, block_c) * triton.cdiv(out_h * out_w, block_p),)
@@ -964,6 +1105,14 @@ def depthwise_conv2d_bwd(
         # flipped: the forward's row kernel, without an epilogue.
         bare = {**dict.fromkeys(_EPILOGUE_FLAGS, False), "ACTIVATION": 0}
         _fwd_rows(gz, torch.flip(weight, (2, 3)), (gz,) * 4, dx, dx, bare)
+    elif need_dx and channels_last and tuple(stride) == (1, 1):
+        # At stride 1, dx is the convolution of gz with the weights flipped, padded by the kernel's extent less
+        # the forward's padding: the channels_last forward kernel, without an epilogue.
+        bare = {**dict.fromkeys(_EPILOGUE_FLAGS, False), "ACTIVATION": 0}
+        flipped, _, _ = _weight_view(torch.flip(weight, (2, 3)), True)
+        kernel = weight.shape[2:]
+        pads = [(size - 1) * dil - pad for size, dil, pad in zip(kernel, dilation, (padding[0], padding[2]))]
+        _fwd_cl(gz, flipped.float(), (gz,) * 4, dx, dx, bare, kernel, (1, 1), pads, dilation)
     elif need_dx:
         w, stride_wc, stride_wt = _weight_view(weight, channels_last)
         block_t, block_p, block_c, warps = conv_tile(height * width, channels, channels_last)
@@ -1057,6 +1206,35 @@ def _fwd_specs(dtype: str) -> list[KernelSpec]:
     return specs
 
 
+def _fwd_cl_specs(dtype: str) -> list[KernelSpec]:
+    ptr = f"*{dtype}"
+    signature = {
+        **dict.fromkeys(("x_ptr", "bias_ptr", "scale_ptr", "shift_ptr", "res_ptr", "y_ptr", "z_ptr"), ptr),
+        "w_ptr": "*fp32",
+        **_i32(_CONV_SHAPE_ARGS + ("stride_xn", "stride_xh", "stride_xw", "stride_yn", "stride_yh", "stride_yw")),
+        **_i32(_CONV_ARGS),
+    }
+    flag_sets = [(activation, True) for activation in _activation_codes()] + [(0, False)]
+    specs = []
+    for aligned, even, (activation, epilogue) in itertools.product((False, True), (False, True), flag_sets):
+        block_p, block_c, warps = CL_FWD_TILES[aligned]
+        if even and not aligned:
+            continue  # fewer channels than a multiple of CL_FWD_ALIGN are not a multiple of the tile's
+        constexprs = {
+            **dict.fromkeys(("HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "HAS_RESIDUAL"), epilogue),
+            "ACTIVATION": activation,
+            "SAVE_Z": epilogue,
+            "EVEN_C": even,
+            "BLOCK_P": block_p,
+            "BLOCK_C": block_c,
+        }
+        spec = KernelSpec(
+            "dwconv_fwd_cl", _dwconv_fwd_cl_kernel, signature, constexprs, warps, maxnreg=CL_FWD_MAX_REGISTERS
+        )
+        specs.append(dataclasses.replace(spec, aligned=CL_FWD_ALIGNED if aligned else ()))
+    return specs
+
+
 def _fwd_rows_specs(dtype: str) -> list[KernelSpec]:
     if dtype not in {TRITON_DTYPES[t] for t in ROW_DTYPES}:
         return []
@@ -1147,6 +1325,13 @@ def report_specs() -> list[KernelSpec]:
     specs = []
     for torch_dtype in REPORT_DTYPES:
         dtype = TRITON_DTYPES[torch_dtype]
-        for make in (_fwd_specs, _fwd_rows_specs, _epilogue_bwd_specs, _input_bwd_specs, _weight_bwd_specs):
+        for make in (
+            _fwd_specs,
+            _fwd_cl_specs,
+            _fwd_rows_specs,
+            _epilogue_bwd_specs,
+            _input_bwd_specs,
+            _weight_bwd_specs,
+        ):
             specs += [dataclasses.replace(spec, meta={"dtype": dtype}) for spec in make(dtype)]
     return specs

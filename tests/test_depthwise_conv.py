@@ -293,6 +293,23 @@ def test_fp16(backend, kernel, stride, layout):
     check_op(backend, inputs, stride=stride, activation="gelu")
 
 
+@pytest.mark.parametrize(
+    "channels, dtype, kernel, stride, dilation",
+    [
+        pytest.param(48, torch.float32, (5, 5), 2, 1, id="48ch-fp32-s2"),  # aligned channels, a partial block
+        pytest.param(64, torch.float16, (7, 7), 1, 1, id="64ch-fp16"),  # whole 64-channel blocks
+        pytest.param(128, torch.float32, (3, 5), 1, 2, id="128ch-fp32-dil2"),
+        pytest.param(16, torch.float32, (4, 5), 1, 2, id="16ch-fp32-even-dil2"),  # uneven "same" padding for dx
+    ],
+)
+def test_channels_last_forward_tiles(channels, dtype, kernel, stride, dilation):
+    """The Triton channels_last forward's 16-byte-vector tile (channels a multiple of 16, full and partial 64-channel
+    blocks) with every epilogue input, and dx and dweight through the z it saves; at stride 1 dx is the same kernel
+    on gz with the weights flipped (the epilogue's own gradients are the other tests' business)."""
+    inputs = make_inputs((2, channels, 7, 6), kernel, stride, "same", dilation, dtype=dtype, layout=CHANNELS_LAST)
+    check_op("triton", inputs, ("x", "weight"), stride=stride, dilation=dilation, activation="gelu")
+
+
 @pytest.mark.parametrize("size", dwk.ROW_SIZES)
 @pytest.mark.parametrize(
     "shape",

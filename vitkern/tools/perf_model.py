@@ -543,7 +543,7 @@ def _triton_dwconv(call: TritonCall) -> tuple[Work, float]:
     a = call.args
     programs = math.prod(call.grid)
     name = call.fn.__name__
-    if name in ("_dwconv_fwd_kernel", "_dwconv_fwd_rows_kernel"):
+    if name in ("_dwconv_fwd_kernel", "_dwconv_fwd_rows_kernel", "_dwconv_fwd_cl_kernel"):
         flags = (("bias", "HAS_BIAS"), ("scale", "HAS_SCALE"), ("shift", "HAS_SHIFT"), ("res", "HAS_RESIDUAL"))
         reads = ["x_ptr", "w_ptr"] + [f"{v}_ptr" for v, flag in flags if a[flag]]
         writes = ["y_ptr"] + (["z_ptr"] if a["SAVE_Z"] else [])
@@ -553,6 +553,9 @@ def _triton_dwconv(call: TritonCall) -> tuple[Work, float]:
             tiles, groups = call.grid
             per = a["images_per_program"]
             return work, tiles * sum(min(per, a["N"] - g * per) for g in range(groups))
+        if name == "_dwconv_fwd_cl_kernel":
+            # one tap per iteration of the column loop, inside the loop over kernel rows
+            return work, (programs * a["KH"] * a["KW"], programs * a["KH"])
         return work, programs * _cdiv(a["KH"] * a["KW"], a["BLOCK_T"])
     if name == "_dwconv_bwd_epilogue_kernel":
         reads = (
@@ -726,6 +729,8 @@ def conv_calls(shape: ConvShape, dtype: torch.dtype, layout: torch.memory_format
     for call in calls[forward_launches:]:
         if call.fn.__name__ == "_dwconv_fwd_rows_kernel":
             call.label = "dwconv_bwd_input_rows"  # dx: the forward's row kernel on gz with the weights flipped
+        if call.fn.__name__ == "_dwconv_fwd_cl_kernel":
+            call.label = "dwconv_bwd_input_cl"  # dx at stride 1: the channels_last forward kernel on gz, flipped
     return calls
 
 
