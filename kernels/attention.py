@@ -181,6 +181,16 @@ def _scores(a, b, qk_scale, bias, attn_mask_ptr, qi, kj, valid, NK, BIAS_MODE: t
 
 
 @triton.jit
+def _softmax_out(acc, m_i, l_i):
+    """(out, lse) of a finished forward row block: acc / l_i, and the natural-log logsumexp from the base-2 running
+    max m_i and sum l_i (both (BLOCK_M,)); a row with every score -inf (l_i = 0) gives out = 0 and lse = -inf."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
+    return out, lse
+
+
+@triton.jit
 def _head_base(ptr, b, h, stride_b, stride_h):
     """ptr advanced to batch b, head h (int64 scalars); tile offsets from there stay 32-bit."""
     return ptr + b * stride_b + h * stride_h
@@ -307,11 +317,7 @@ def _attention_fwd_kernel(
         v = _load_tile(v_ptr, keys, offs_dv[None, :], stride_vn, stride_vd, NK, DV)
         acc = acc * alpha + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
-    m_i = tl.reshape(m_i, [BLOCK_M])
-    l_i = tl.reshape(l_i, [BLOCK_M])
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
+    out, lse = _softmax_out(acc, tl.reshape(m_i, [BLOCK_M]), tl.reshape(l_i, [BLOCK_M]))
     out_ptrs = out_ptr + pid_bh * NQ * DV + rows * DV + offs_dv[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < NQ) & (offs_dv[None, :] < DV))
     q_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -385,14 +391,16 @@ def _attention_fwd_short_kernel(
     if shared_bias:
         # modes 1 and 2 read one (H, entries) table for every batch entry: gather this program's tile once, kept in
         # the table's dtype (half the registers of fp32 for fp16 / bf16 tables)
-        bias = (bias_ptr + h * stride_biash, stride_biasm, stride_biasn, Q_GRID_W, K_GRID_W, Q_STEP, WIN_H)
-        stored_bias = _bias_stored(bias, rows, cols, one_tile, BIAS_MODE)
+        table = (bias_ptr + h * stride_biash, stride_biasm, stride_biasn, Q_GRID_W, K_GRID_W, Q_STEP, WIN_H)
+        stored_bias = _bias_stored(table, rows, cols, one_tile, BIAS_MODE)
     for b in range(b_lo, b_hi):
         bh = b * H + h
         q_base, k_base, v_base = _head_bases(
             q_ptr, k_ptr, v_ptr, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh
         )
         window_mask = _window_base(attn_mask_ptr, b, num_windows, NQ, NK)
+        bias_base = _head_base(bias_ptr, b, h, stride_biasb, stride_biash)
+        bias = (bias_base, stride_biasm, stride_biasn, Q_GRID_W, K_GRID_W, Q_STEP, WIN_H)
         q = _load_tile(q_base, rows, offs_d, stride_qn, 1, NQ, D)
         if ONE_KEY_TILE:
             keys = tl.arange(0, BLOCK_N)[:, None]
@@ -403,15 +411,6 @@ def _attention_fwd_short_kernel(
                 if HAS_MASK:
                     s += LOG2E * _mask_tile(window_mask, rows, cols, one_tile, NK)
             else:
-                bias = (
-                    _head_base(bias_ptr, b, h, stride_biasb, stride_biash),
-                    stride_biasm,
-                    stride_biasn,
-                    Q_GRID_W,
-                    K_GRID_W,
-                    Q_STEP,
-                    WIN_H,
-                )
                 s = _scores(q, tl.trans(k), qk_scale, bias, window_mask, rows, cols, one_tile, NK, BIAS_MODE, HAS_MASK)
             s = tl.where(cols < NK, s, float("-inf"))
             m_i = tl.max(s, 1)
@@ -420,15 +419,6 @@ def _attention_fwd_short_kernel(
             l_i = tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v)
         else:
-            bias = (
-                _head_base(bias_ptr, b, h, stride_biasb, stride_biash),
-                stride_biasm,
-                stride_biasn,
-                Q_GRID_W,
-                K_GRID_W,
-                Q_STEP,
-                WIN_H,
-            )
             m_i = tl.full([BLOCK_M, 1], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M, 1], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -449,9 +439,7 @@ def _attention_fwd_short_kernel(
                 m_i = m_new
             m_i = tl.reshape(m_i, [BLOCK_M])
             l_i = tl.reshape(l_i, [BLOCK_M])
-        empty = l_i == 0.0
-        out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
+        out, lse = _softmax_out(acc, m_i, l_i)
         tl.store(
             out_ptr + bh * NQ * DV + rows * DV + offs_dv,
             out.to(out_ptr.dtype.element_ty),
@@ -1061,9 +1049,9 @@ def _bwd_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[s
 def _dkdv_config(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype) -> dict[str, int]:
     """Block sizes and warps of :func:`_attention_bwd_dkdv_kernel`: :func:`_bwd_config`'s, but for fp16 / bf16 past
     SHORT_TOKENS tokens and head blocks under MAX_HEAD_BLOCK (whose accumulators spill there) 64-key blocks beside
-    16-query blocks on DKDV_WARPS warps. The keys are the rows of its
-    transposed tiles, so on sm_90 the 64 keys are a warp-group MMA's 64 rows, and dk, dv and the score tiles fit
-    in one warp group's registers (the kernel report's figures; 32 x 32 tiles run as warp-level MMAs there)."""
+    16-query blocks on DKDV_WARPS warps. The keys are the rows of its transposed tiles, so on sm_90 the 64 keys are
+    a warp-group MMA's 64 rows, and dk, dv and the score tiles fit in one warp group's registers (the kernel
+    report's figures; 32 x 32 tiles run as warp-level MMAs there)."""
     config = _bwd_config(nq, nk, d, dv, dtype)
     if dtype == torch.float32 or max(nq, nk) <= SHORT_TOKENS or _head_block(d, dv) == MAX_HEAD_BLOCK:
         return config

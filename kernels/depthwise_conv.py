@@ -9,10 +9,9 @@ The launchers implement the kernel contract in :mod:`vitkern.kernels.contract`::
 
 Kernels:
 
-* ``_dwconv_fwd_kernel``: the convolution and the whole epilogue, one program per tile of output pixels (x a
-  block of channels for channels_last) of one image; a runtime loop over blocks of BLOCK_T taps gathers a
-  (taps, pixels, channels) tile per step, so the kernel size is not a compile-time constant. NCHW forwards the
-  row kernel does not take run it.
+* ``_dwconv_fwd_kernel``: the NCHW convolution and the whole epilogue where the row kernel does not apply, one
+  program per tile of output pixels of one channel and image; a runtime loop over blocks of BLOCK_T taps gathers
+  a (taps, pixels, channels) tile per step, so the kernel size is not a compile-time constant.
 * ``_dwconv_fwd_cl_kernel``: the same for channels_last, one tap at a time over (pixels, channels) tiles whose
   channels are contiguous: one vector load per pixel and run of channels, one weight vector per tap. It also gives
   dx of channels_last at stride 1, the convolution of gz with the weights flipped.
@@ -28,7 +27,7 @@ Kernels:
   the (image, pixel block) range, loads each gz block once and gathers x for all its taps. Partials per split are
   summed in a fixed order: no float atomics, bitwise reproducible.
 
-Every kernel reads and writes through strides, so NCHW and channels_last tensors take the same path; the
+The backward kernels read and write through strides, so NCHW and channels_last tensors take the same path; the
 ``CHANNELS_LAST`` switch only fixes which stride is 1. Accumulation is fp32 whatever the storage dtype; the
 backward's gz buffer has the storage dtype, as dy.
 """
@@ -48,9 +47,9 @@ from vitkern.kernels.contract import ACTIVATION_CODES, memory_format, output_siz
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
-# (BLOCK_T, BLOCK_P, BLOCK_C, num_warps): the (taps, pixels, channels) tile of the forward, dx and dweight kernels.
-# NCHW takes the first whose BLOCK_P covers the image (else the last), channels_last the first whose BLOCK_C covers
-# the channels (else the last).
+# (BLOCK_T, BLOCK_P, BLOCK_C, num_warps): the (taps, pixels, channels) tile of the general forward (NCHW), dx and
+# dweight kernels. NCHW takes the first whose BLOCK_P covers the image (else the last), channels_last the first
+# whose BLOCK_C covers the channels (else the last).
 NCHW_TILES = ((16, 64, 1, 2), (16, 128, 1, 4))
 CHANNELS_LAST_TILES = ((8, 16, 16, 4), (16, 4, 32, 4))
 # (BLOCK_P, BLOCK_C, num_warps) of the channels_last forward (_dwconv_fwd_cl_kernel), by whether the channels are
@@ -192,7 +191,6 @@ def _dwconv_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr,
     SAVE_Z: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -201,12 +199,12 @@ def _dwconv_fwd_kernel(
 
     Grid: (N * cdiv(C, BLOCK_C) * cdiv(OH * OW, BLOCK_P),). x_ptr: (N, C, H, W); w_ptr: (C, KH * KW) read through
     (stride_wc, stride_wt); bias_ptr, scale_ptr, shift_ptr: (C,); res_ptr, y_ptr, z_ptr: (N, C, OH, OW), all three
-    with the strides stride_y*. stride_xw and stride_yw (NCHW) or stride_xc and stride_yc (channels_last) are taken
-    as 1. Each step of the tap loop gathers a (BLOCK_T, BLOCK_P, BLOCK_C) tile; the tap axis is summed at the end.
+    with the strides stride_y*, NCHW: stride_xw and stride_yw are taken as 1. Each step of the tap loop gathers a
+    (BLOCK_T, BLOCK_P, BLOCK_C) tile; the tap axis is summed at the end.
     """
     n, oh, ow, p_mask, c, c_mask = _pixel_tile(tl.program_id(0), OH, OW, C, BLOCK_P, BLOCK_C)
-    stride_xc, stride_xw = _layout_strides(stride_xc, stride_xw, CHANNELS_LAST)
-    stride_yc, stride_yw = _layout_strides(stride_yc, stride_yw, CHANNELS_LAST)
+    stride_xc, stride_xw = _layout_strides(stride_xc, stride_xw, False)
+    stride_yc, stride_yw = _layout_strides(stride_yc, stride_yw, False)
     x_base = x_ptr + n.to(tl.int64) * stride_xn + (c * stride_xc)[None, None, :]
     w_base = w_ptr + (c * stride_wc)[None, None, :]
     ih0 = (oh * STRIDE_H - PAD_T)[None, :, None]
@@ -795,8 +793,8 @@ def _pick_tile(tiles: tuple[tuple[int, ...], ...], size: int, axis: int) -> tupl
 
 
 def conv_tile(pixels: int, channels: int, channels_last: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_P, BLOCK_C, num_warps) of the forward, dx and dweight kernels for images of ``pixels``
-    pixels (the kernel's own pixel axis: output pixels for forward and dweight, input pixels for dx)."""
+    """(BLOCK_T, BLOCK_P, BLOCK_C, num_warps) of the general forward (NCHW), dx and dweight kernels for images of
+    ``pixels`` pixels (the kernel's own pixel axis: output pixels for forward and dweight, input pixels for dx)."""
     if channels_last:
         return _pick_tile(CHANNELS_LAST_TILES, channels, 2)
     return _pick_tile(NCHW_TILES, pixels, 1)
@@ -913,13 +911,14 @@ def _fwd_rows(
     )
 
 
-def _fwd_cl(x, w, epilogue_tensors, y, z, epilogue, kernel, stride, pads, dilation) -> None:
-    """Launch the channels_last forward: y (and z) = the convolution of x with the tap-major fp32 weights w
-    (KH * KW, C) for a ``kernel`` (KH, KW) at ``stride``, top / left ``pads`` and ``dilation``, the output's size
-    that of y, and the epilogue of the flags in ``epilogue`` with (bias, scale, shift, residual) =
-    ``epilogue_tensors``."""
+def _fwd_cl(x, weight, epilogue_tensors, y, z, epilogue, stride, pads, dilation) -> None:
+    """Launch the channels_last forward: y (and z) = the convolution of x with weight (C, 1, KH, KW) at ``stride``,
+    top / left ``pads`` and ``dilation``, the output's size that of y, and the epilogue of the flags in
+    ``epilogue`` with (bias, scale, shift, residual) = ``epilogue_tensors``."""
     n, channels, height, width = x.shape
     out_h, out_w = y.shape[2], y.shape[3]
+    # the kernel's tap-major fp32 copy (KH * KW, C), made in one step
+    w = weight.reshape(channels, -1).t().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     block_p, block_c, warps = CL_FWD_TILES[channels % CL_FWD_ALIGN == 0]
     grid = (n * triton.cdiv(channels, block_c) * triton.cdiv(out_h * out_w, block_p),)
     _dwconv_fwd_cl_kernel[grid](
@@ -937,7 +936,7 @@ def _fwd_cl(x, w, epilogue_tensors, y, z, epilogue, kernel, stride, pads, dilati
         *x.stride()[2:],
         y.stride(0),
         *y.stride()[2:],
-        *kernel,
+        *weight.shape[2:],
         *stride,
         *pads,
         *dilation,
@@ -977,8 +976,6 @@ def depthwise_conv2d_fwd(
     z = torch.empty_like(y) if save_z else x.new_empty(0)
     if y.numel() == 0:
         return y, z
-    channels_last = _is_channels_last(x)
-    w, stride_wc, stride_wt = _weight_view(weight, channels_last)
     epilogue = {
         "HAS_BIAS": bias is not None,
         "HAS_SCALE": scale is not None,
@@ -987,27 +984,28 @@ def depthwise_conv2d_fwd(
         "ACTIVATION": activation,
         "SAVE_Z": save_z,
     }
-    tensors = (
-        x,
-        w,
+    epilogue_tensors = (
         x if bias is None else bias,
         x if scale is None else scale,
         x if shift is None else shift,
         y if residual is None else residual,
-        y,
-        z if save_z else y,
     )
+    z_out = z if save_z else y
     if uses_row_kernel(x, weight, stride, padding, dilation):
-        _fwd_rows(x, weight, tensors[2:6], y, z if save_z else y, epilogue)
+        _fwd_rows(x, weight, epilogue_tensors, y, z_out, epilogue)
         return y, z
-    if channels_last:
-        pads = (padding[0], padding[2])
-        _fwd_cl(x, w.float(), tensors[2:6], y, z if save_z else y, epilogue, weight.shape[2:], stride, pads, dilation)
+    if _is_channels_last(x):
+        _fwd_cl(x, weight, epilogue_tensors, y, z_out, epilogue, stride, (padding[0], padding[2]), dilation)
         return y, z
-    block_t, block_p, block_c, warps = conv_tile(out_h * out_w, channels, channels_last)
+    w, stride_wc, stride_wt = _weight_view(weight, False)
+    block_t, block_p, block_c, warps = conv_tile(out_h * out_w, channels, False)
     grid = (n * triton.cdiv(channels, block_c) * triton.cdiv(out_h * out_w, block_p),)
     _dwconv_fwd_kernel[grid](
-        *tensors,
+        x,
+        w,
+        *epilogue_tensors,
+        y,
+        z_out,
         channels,
         height,
         width,
@@ -1019,7 +1017,9 @@ def depthwise_conv2d_fwd(
         stride_wt,
         *_conv_args(weight, stride, padding, dilation),
         **epilogue,
-        **_tile_constexprs(channels_last, block_t, block_p, block_c),
+        BLOCK_T=block_t,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
         num_warps=warps,
     )
     return y, z
@@ -1109,10 +1109,8 @@ def depthwise_conv2d_bwd(
         # At stride 1, dx is the convolution of gz with the weights flipped, padded by the kernel's extent less
         # the forward's padding: the channels_last forward kernel, without an epilogue.
         bare = {**dict.fromkeys(_EPILOGUE_FLAGS, False), "ACTIVATION": 0}
-        flipped, _, _ = _weight_view(torch.flip(weight, (2, 3)), True)
-        kernel = weight.shape[2:]
-        pads = [(size - 1) * dil - pad for size, dil, pad in zip(kernel, dilation, (padding[0], padding[2]))]
-        _fwd_cl(gz, flipped.float(), (gz,) * 4, dx, dx, bare, kernel, (1, 1), pads, dilation)
+        pads = [(size - 1) * dil - pad for size, dil, pad in zip(weight.shape[2:], dilation, (padding[0], padding[2]))]
+        _fwd_cl(gz, torch.flip(weight, (2, 3)), (gz,) * 4, dx, dx, bare, (1, 1), pads, dilation)
     elif need_dx:
         w, stride_wc, stride_wt = _weight_view(weight, channels_last)
         block_t, block_p, block_c, warps = conv_tile(height * width, channels, channels_last)
@@ -1194,15 +1192,16 @@ def _fwd_specs(dtype: str) -> list[KernelSpec]:
     # Every activation with every epilogue tensor (the worst case), and the bare convolution.
     flag_sets = [(activation, True) for activation in _activation_codes()] + [(0, False)]
     specs = []
-    for channels_last, (block_t, block_p, block_c, warps) in _conv_tiles():
-        for activation, epilogue in flag_sets:
-            constexprs = {
-                **dict.fromkeys(("HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "HAS_RESIDUAL"), epilogue),
-                "ACTIVATION": activation,
-                "SAVE_Z": epilogue,
-                **_tile_constexprs(channels_last, block_t, block_p, block_c),
-            }
-            specs.append(KernelSpec("dwconv_fwd", _dwconv_fwd_kernel, signature, constexprs, warps))
+    for (block_t, block_p, block_c, warps), (activation, epilogue) in itertools.product(NCHW_TILES, flag_sets):
+        constexprs = {
+            **dict.fromkeys(("HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "HAS_RESIDUAL"), epilogue),
+            "ACTIVATION": activation,
+            "SAVE_Z": epilogue,
+            "BLOCK_T": block_t,
+            "BLOCK_P": block_p,
+            "BLOCK_C": block_c,
+        }
+        specs.append(KernelSpec("dwconv_fwd", _dwconv_fwd_kernel, signature, constexprs, warps))
     return specs
 
 
