@@ -533,20 +533,6 @@ void with_lanes(int n, Fn&& fn) {
   }
 }
 
-template <typename Kernel>
-void allow_shared(Kernel kernel, std::size_t bytes) {
-#ifdef VITKERN_EMULATION
-  (void)kernel;
-  (void)bytes;
-#else
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("vitkern: attention shared memory: ") + cudaGetErrorString(err));
-  }
-#endif
-}
-
 template <typename scalar_t>
 void launch_fwd(Params<scalar_t> p, const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out,
                 float* lse, cudaStream_t stream) {

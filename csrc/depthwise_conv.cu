@@ -206,8 +206,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> depthwise
                                                  needs_z ? zc.const_data_ptr<scalar_t>() : nullptr,
                                                  data_or_null<scalar_t>(sc), static_cast<int>(activation)};
       const cudaStream_t stream = stream_for(x);
-      if (want_dx) {
-        dw::launch_dx<scalar_t, acc_t>(grad, wc.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), g,
+      if (want_dx && dx.numel() > 0) {
+        // The window kernels read dz (computed first, into a buffer like dy, where the epilogue needs it) or dy.
+        const dw::ConvLaunch window = dw::plan_dx<scalar_t, acc_t>(g, strides_of(xc), strides_of(dyc), true);
+        const bool needs_dz = dw::dx_needs_dz(window, grad);
+        const dw::ConvLaunch l = needs_dz ? window
+                                          : dw::plan_dx<scalar_t, acc_t>(g, strides_of(xc), strides_of(dyc),
+                                                                         dw::aligned16(dyc.const_data_ptr<scalar_t>()));
+        at::Tensor dz = needs_dz ? at::empty_like(dyc) : at::empty({0}, x.options());
+        dw::launch_dx<scalar_t, acc_t>(l, grad, needs_dz ? dz.mutable_data_ptr<scalar_t>() : nullptr,
+                                       wc.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), g,
                                        strides_of(xc), strides_of(dyc), stream);
       }
       if (want_dweight || want_sums) {
@@ -266,7 +274,7 @@ std::vector<std::string> depthwise_conv2d_plan(at::IntArrayRef x_shape, bool cha
     if (direction == "fwd") {
       launches = dw::describe_fwd<scalar_t, acc_t>(g, sx);
     } else if (direction == "dx") {
-      launches = dw::describe_dx<scalar_t, acc_t>(g, sx);
+      launches = dw::describe_dx<scalar_t, acc_t>(g, sx, static_cast<int>(activation));
     } else {
       launches = dw::describe_dweight<scalar_t, acc_t>(g, sx);
     }

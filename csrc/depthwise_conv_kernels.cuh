@@ -17,7 +17,8 @@
 // with kernel size x dilation; when it exceeds kSharedBudget the taps are processed in rectangular chunks
 // (rc x cc taps at a time, loading each chunk's halo), so any kernel, stride and dilation fits.
 //
-// Backward. dz = dy * scale * act'(z) is computed where it is loaded (never stored).
+// Backward. dz = dy * scale * act'(z) is computed where it is loaded (never stored) by the generic dx and the
+// dweight kernels; the sliding-window dx (below) reads it from depthwise_conv2d_dz_kernel's buffer instead.
 //   dx:      the transposed convolution of dz, tiled like the forward.
 //   dweight: grid (G, channel blocks, tap chunks); each block loops over its 1/G share of the (batch, tile) items,
 //            loads the dz tile and the x tile with its halo into shared memory once per item and accumulates every
@@ -48,7 +49,23 @@ constexpr int kDweightUnits = 2;                                // dweight runs:
 constexpr int kMaxChannelBlock = 32;
 constexpr int kEpilogueSums = 3;                                // dbias, dscale, dshift
 constexpr std::size_t kSharedBudget = 48 * 1024;
+// The sliding-window kernels' tiles: more than the 48 KiB default (allow_shared), within sm_80's 163 KiB.
+constexpr std::size_t kWindowSharedBudget = 96 * 1024;
 constexpr int kTargetBlocks = 1024;                             // dweight: how many blocks to aim for
+
+// A list of compile-time sizes (kernel sizes, run lengths) to dispatch over.
+template <int... Ks>
+struct KernelSizes {};
+
+// fn(std::integral_constant<int, R>{}) for the R of Rs equal to value (nothing when none is).
+template <int R, int... Rs, typename Fn>
+void with_size(int value, KernelSizes<R, Rs...>, Fn&& fn) {
+  if (value == R) {
+    fn(std::integral_constant<int, R>{});
+  } else if constexpr (sizeof...(Rs) > 0) {
+    with_size(value, KernelSizes<Rs...>{}, fn);
+  }
+}
 
 constexpr float kSqrtHalf = 0.70710678118654752f;     // 1 / sqrt(2)
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;   // 1 / sqrt(2 * pi)
@@ -79,10 +96,25 @@ struct Tiling {
 __host__ __device__ __forceinline__ int div_floor(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 __host__ __device__ __forceinline__ int div_ceil(int a, int b) { return div_floor(a + b - 1, b); }
 
+// Phi(z), the standard normal CDF, as 0.5 * erfc(-z / sqrt(2)) with erfc from Abramowitz and Stegun 7.1.26
+// (|error| <= 1.5e-7 in erf, so GELU stays within 1e-6 of the exact one for |z| < 5; the fp32 tolerances are
+// 1e-4): a reciprocal, an exponential and five multiply-adds, where erff spends about twice that selecting
+// between two polynomials.
+template <typename acc_t>
+__device__ __forceinline__ acc_t normal_cdf(acc_t z) {
+  const acc_t x = fabsf(z) * acc_t(kSqrtHalf);
+  const acc_t t = acc_t(1) / (acc_t(1) + acc_t(0.3275911f) * x);
+  const acc_t poly =
+      t * (acc_t(0.254829592f) +
+           t * (acc_t(-0.284496736f) + t * (acc_t(1.421413741f) + t * (acc_t(-1.453152027f) + t * acc_t(1.061405429f)))));
+  const acc_t tail = acc_t(0.5) * poly * expf(-x * x);  // 0.5 * erfc(|z| / sqrt(2)) = Phi(-|z|)
+  return z >= acc_t(0) ? acc_t(1) - tail : tail;
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t activate(acc_t z, int act) {
   if (act == kGelu) {
-    return acc_t(0.5) * z * (acc_t(1) + erff(z * acc_t(kSqrtHalf)));
+    return z * normal_cdf(z);
   }
   if (act == kRelu) {
     return z > acc_t(0) ? z : acc_t(0);
@@ -342,211 +374,651 @@ __global__ void __launch_bounds__(kThreads)
 
 // --- sliding-window kernels: stride 1, dilation 1, a square K x K kernel known at compile time -----------------
 //
-// Each thread computes a run of consecutive outputs of one row. For each kernel row it reads the run's input window
-// (run + K - 1 values) from shared memory into registers, 16 bytes at a time, and that row's K weights (16-byte
-// reads too, the same for every thread of a channel), then does K * run FMAs from registers: the register-blocked
-// direct convolution of CUTLASS's depthwise kernels (examples/19_large_depthwise_conv2d_torch_extension,
-// include/cutlass/conv/threadblock/depthwise_fprop_direct_conv_multistage.h), on CUDA cores.
-//   NCHW: a run is kNchwRun outputs of one channel; a block holds `groups` channel planes, each a th x tw output
-//     tile with tile[plane][row][cols] and weights[plane][kernel row][round4(K)] in shared memory.
-//   channels_last: a run is kClRun outputs times kChannelVector channels (one 16-byte fp32 read per input pixel);
-//     a block holds kClChannels channels of a th x tw tile, tile[(row * cols + col) * kClChannels + channel] and
-//     weights[tap][kClChannels] (tap-major, so their load reads the weight tensor coalesced per channel).
-// The input tile is stored in fp32: each value is read by every window that covers it, so it is converted once,
-// when loaded from global memory. dx is the same correlation over dz with the kernel flipped (stride 1).
+// Each thread computes a run of R consecutive outputs of one row (R compile-time, one of the run lists below), the
+// register-blocked direct convolution of CUTLASS's depthwise kernels (examples/19_large_depthwise_conv2d_torch_
+// extension, include/cutlass/conv/threadblock/depthwise_fprop_direct_conv_multistage.h), on CUDA cores:
+//   NCHW: a block holds `groups` channel planes, each a th x tw output tile, tile[plane][row][cols] and
+//     weights[plane][kernel row][round4(K)] in shared memory. Per kernel row a thread reads its run's input window
+//     (R + K - 1 values, 16 bytes at a time where R % 4 == 0, else 8) and that row's weights (16-byte reads, the
+//     same for every thread of a plane), then does K * R FMAs from registers.
+//   channels_last: a block holds kClChannels channels of a th x tw tile, tile[(row * cols + col) * kClChannels +
+//     channel] and weights[tap][kClChannels] (tap-major: their load reads the weight tensor coalesced per channel).
+//     A thread owns kChannelVector channels of R pixels; per kernel row it keeps the row's K weight vectors in
+//     registers and streams the window's R + K - 1 pixels through them, one 16-byte read feeding up to
+//     min(K, R) x kChannelVector FMAs.
+// The run is picked per width so that as few outputs as possible are computed past the row's end, and the block
+// has as many threads as the tiling uses (rounded up to a warp). The input tile is stored in fp32: each value is
+// read by every window that covers it, so it is converted once, when loaded from global memory, in the widest
+// aligned vectors the layout allows. Per-thread indices of the load and of the epilogue are computed once; the
+// epilogue loads its per-channel vectors once per thread and writes each run in the widest aligned vectors.
+// dx is the same correlation over dz with the kernel flipped (stride 1): dz itself comes from
+// depthwise_conv2d_dz_kernel where the epilogue makes it differ from dy, so the tile load is the forward's.
 
-constexpr int kNchwRun = 8;
-constexpr int kClRun = 4;
 constexpr int kChannelVector = 4;  // fp32 values of a 16-byte shared-memory read
-constexpr int kClChannels = 16;
+constexpr int kClChannels = 16;    // channels of a channels_last block: 32 bytes of fp16 a pixel, one DRAM sector
 constexpr int kClLanes = kClChannels / kChannelVector;
 
-__host__ __device__ constexpr int round4(int v) { return (v + 3) / 4 * 4; }
+// The run lengths of the sliding-window kernels.
+using NchwRuns = KernelSizes<16, 14>;
+using ClRuns = KernelSizes<8, 7>;
+
+__host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
+__host__ __device__ constexpr int round4(int v) { return round_up(v, 4); }
+
+// n / d and n % d for 0 <= n < 2^31 by a divisor fixed at launch, by a multiply and a shift (the host finds the
+// magic number: Granlund and Montgomery, as PyTorch's IntDivider).
+struct FastDiv {
+  uint32_t divisor = 1, magic = 1, shift = 0;
+
+  FastDiv() = default;
+  explicit FastDiv(int d) : divisor(static_cast<uint32_t>(d)) {
+    while ((uint64_t{1} << shift) < divisor) {
+      ++shift;
+    }
+    magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - divisor)) / divisor + 1);
+  }
+  __host__ __device__ __forceinline__ int div(int n) const {
+    const uint32_t high = static_cast<uint32_t>((static_cast<uint64_t>(n) * magic) >> 32);
+    return static_cast<int>((high + static_cast<uint32_t>(n)) >> shift);
+  }
+  __host__ __device__ __forceinline__ int mod(int n) const { return n - div(n) * static_cast<int>(divisor); }
+};
+
+// Tile column 0 of an NCHW shared row: room on its left for the part of the first vector read before it.
+constexpr int kRowLead = 8;
+constexpr int kNchwRows = 2;  // NCHW: output rows a thread computes (its runs are one above the other)
 
 // How a sliding-window launch cuts its work (see above).
 struct WindowTiling {
+  int run;         // outputs a thread computes along a row (the kernel's R)
   int th, tw;      // output tile
   int tc;          // threads across a tile row (tw / run)
   int groups;      // NCHW: channel planes per block; channels_last: 1
-  int rows, cols;  // shared input tile of a plane: th + K - 1 rows of cols >= tw + K - 1 (a multiple of 4 in NCHW)
+  int threads;     // the block's threads (a multiple of the warp)
+  int rows, cols;  // shared input tile of a plane: th + K - 1 rows of cols (NCHW: a row's floats, kRowLead first)
   int tiles_h, tiles_w;
-  LoadMode load_mode;
+  int vec;         // elements a global read of the input tile takes: along rows (NCHW), across channels (cl)
+  int per_row;     // NCHW: the vectors a tile row is read in
+  int step;        // channels_last: the pixels a pass of the block's loads covers
+  FastDiv tiles_w_div, per_group_div, tc_div, load_div;  // load_div: by rows (NCHW), by cols (cl)
+};
+
+// The tensor a sliding-window kernel correlates: x (forward) or dz (dx), h x w, and where its tile starts
+// relative to the output tile's first pixel.
+template <typename scalar_t>
+struct WindowSource {
+  const scalar_t* __restrict__ data;
+  Strides s;
+  int h, w;
+  int row_offset, col_offset;
+};
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) VectorN {
+  T v[V];
+};
+
+// NCHW: tile[r * t.cols + kRowLead + col] = plane[row0 + r, col0 + col] (0 outside the tensor or past the
+// channels) for each of a block's planes, read in aligned vectors of V elements along rows (V > 1: the width and
+// the row stride are multiples of V, so a vector lies wholly inside or outside a row; V == 1: any strides). A
+// thread loads whole tile rows (of the block's planes, one after another), t.per_row vectors from the one holding
+// column col0, which may reach past the tile's columns into the row's lead and tail. Rows outside the tensor or
+// past the channels are 0; a vector outside the row is read at the row's nearest one and replaced by 0.
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_window_rows(acc_t* tile, int plane_floats, const WindowSource<scalar_t>& src,
+                                                 const WindowTiling& t, int64_t n, int64_t c0, int64_t channels,
+                                                 int row0, int col0) {
+  using Vec = VectorN<scalar_t, V>;
+  const int lead = col0 & (V - 1);  // where column col0 sits in its vector (V is a power of two)
+  const int first_col = col0 - lead;  // the image column of the first vector (a multiple of V)
+  const int planes_inside = channels - c0 < t.groups ? static_cast<int>(channels - c0) : t.groups;
+  const scalar_t* planes = src.data + n * src.s.n + c0 * src.s.c;
+  // Stores as wide as the tile row's offset in shared memory allows (the same for every thread of the block).
+  auto rows = [&](auto width) {
+    constexpr int W = decltype(width)::value;
+    for (int e = threadIdx.x; e < t.groups * t.rows; e += blockDim.x) {
+      const int p = t.load_div.div(e);  // load_div: by t.rows
+      const int r = e - p * t.rows;
+      const int ih = row0 + r;
+      const bool row_inside = p < planes_inside && ih >= 0 && ih < src.h;
+      // Every read is of the tensor: outside it, the nearest row, plane and vector are read (and replaced by 0).
+      const int ih_read = ih < 0 ? 0 : ih < src.h ? ih : src.h - 1;
+      const int p_read = p < planes_inside ? p : planes_inside - 1;
+      const scalar_t* in = planes + p_read * src.s.c + static_cast<int64_t>(ih_read) * src.s.h;
+      acc_t* out = tile + p * plane_floats + r * t.cols + kRowLead - lead;
+      for (int j = 0; j < t.per_row; ++j) {
+        const int iw = first_col + j * V;
+        const bool inside = row_inside && iw >= 0 && iw < src.w;
+        const int iw_read = iw < 0 ? 0 : iw < src.w ? iw : src.w - V;
+        const Vec chunk = load_vector<Vec>(in + static_cast<int64_t>(iw_read) * src.s.w);
+        VITKERN_UNROLL
+        for (int k = 0; k < V; k += W) {
+          VectorN<acc_t, W> values;
+          VITKERN_UNROLL
+          for (int q = 0; q < W; ++q) {
+            values.v[q] = inside ? static_cast<acc_t>(chunk.v[k + q]) : acc_t(0);
+          }
+          store_vector(out + j * V + k, values);
+        }
+      }
+    }
+  };
+  const int offset = (kRowLead - lead) & 3;
+  if constexpr (V >= 4) {
+    if (offset == 0) {
+      return rows(std::integral_constant<int, 4>{});
+    }
+  }
+  if constexpr (V >= 2) {
+    if ((offset & 1) == 0) {
+      return rows(std::integral_constant<int, 2>{});
+    }
+  }
+  rows(std::integral_constant<int, 1>{});
+}
+
+// channels_last: tile[(r * cols + col) * kClChannels + cl] = src[n, c0 + cl, row0 + r, col0 + col] (0 outside the
+// tensor and the channels), read in vectors of V channels (V > 1: the channel count and every stride but the
+// channels' are multiples of V, the channel stride is 1). A thread loads whole pixels, t.step (the block's
+// threads) apart, walking them with an incremental (row, column).
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_window_pixels(acc_t* tile, const WindowSource<scalar_t>& src,
+                                                   const WindowTiling& t, int64_t n, int64_t c0, int64_t channels,
+                                                   int row0, int col0) {
+  using Vec = VectorN<scalar_t, V>;
+  constexpr int kPerPixel = kClChannels / V;
+  const int pixels = t.rows * t.cols;
+  const int step_rows = t.load_div.div(t.step);
+  const int step_cols = t.step - step_rows * t.cols;
+  int p = threadIdx.x;
+  int r = t.load_div.div(p);
+  int col = p - r * t.cols;
+  bool channel_inside[kPerPixel];
+  int channel_read[kPerPixel];  // the first channel read, relative to c0: the last vector's past the channels
+  const int last = static_cast<int>((channels - c0 - 1) / V) * V;
+  VITKERN_UNROLL
+  for (int q = 0; q < kPerPixel; ++q) {
+    channel_inside[q] = c0 + q * V < channels;
+    channel_read[q] = channel_inside[q] ? q * V : last;
+  }
+  const int row_stride = static_cast<int>(src.s.h);
+  const int col_stride = static_cast<int>(src.s.w);
+  const int channel_stride = static_cast<int>(src.s.c);
+  const scalar_t* base = src.data + n * src.s.n + c0 * src.s.c;
+  acc_t* dst = tile + p * kClChannels;
+  for (; p < pixels; p += t.step) {
+    // Every read is of the tensor: outside it, the nearest pixel (and channel vector) is read and replaced by 0.
+    const int ih = row0 + r;
+    const int iw = col0 + col;
+    const bool pixel_inside = ih >= 0 && ih < src.h && iw >= 0 && iw < src.w;
+    const int ih_read = ih < 0 ? 0 : ih < src.h ? ih : src.h - 1;
+    const int iw_read = iw < 0 ? 0 : iw < src.w ? iw : src.w - 1;
+    const scalar_t* at = base + (ih_read * row_stride + iw_read * col_stride);
+    VITKERN_UNROLL
+    for (int q = 0; q < kPerPixel; ++q) {
+      const bool inside = pixel_inside && channel_inside[q];
+      const Vec chunk = load_vector<Vec>(at + channel_read[q] * channel_stride);
+      if constexpr (V % kChannelVector == 0) {
+        VITKERN_UNROLL
+        for (int k = 0; k < V; k += kChannelVector) {
+          Vector16<acc_t> out;
+          VITKERN_UNROLL
+          for (int e = 0; e < kChannelVector; ++e) {
+            out.v[e] = inside ? static_cast<acc_t>(chunk.v[k + e]) : acc_t(0);
+          }
+          store_vector(dst + q * V + k, out);
+        }
+      } else {
+        VITKERN_UNROLL
+        for (int k = 0; k < V; ++k) {
+          dst[q * V + k] = inside ? static_cast<acc_t>(chunk.v[k]) : acc_t(0);
+        }
+      }
+    }
+    dst += t.step * kClChannels;
+    col += step_cols;
+    r += step_rows;
+    if (col >= t.cols) {
+      col -= t.cols;
+      ++r;
+    }
+  }
+}
+
+// The widest vector (elements, a power of two) runs of R values at p, p + step, p + 2 * step, ... can be written
+// or read in: one that divides R, p's alignment and step, where the run's values are adjacent (stride 1).
+template <int R, typename scalar_t>
+__device__ __forceinline__ int run_vector(const scalar_t* p, int64_t stride, int64_t step) {
+  if (p == nullptr || stride != 1) {
+    return 1;
+  }
+  const auto address = reinterpret_cast<std::uintptr_t>(p);
+  int v = 16 / sizeof(scalar_t);
+  while (v > 1 && ((address & (v * sizeof(scalar_t) - 1)) != 0 || R % v != 0 || step % v != 0)) {
+    v /= 2;
+  }
+  return v;
+}
+
+// fn(std::integral_constant<int, W>{}) for the widest vector W of 8, 4 or 2 elements that vec (run_vector) allows
+// and R is a multiple of, spelled out so that the vector type is known at compile time; false where there is none.
+template <int R, typename scalar_t, typename Fn>
+__device__ __forceinline__ bool with_run_width(int vec, Fn&& fn) {
+  if constexpr (16 / sizeof(scalar_t) >= 8 && R % 8 == 0) {
+    if (vec >= 8) {
+      fn(std::integral_constant<int, 8>{});
+      return true;
+    }
+  }
+  if constexpr (R % 4 == 0) {
+    if (vec >= 4) {
+      fn(std::integral_constant<int, 4>{});
+      return true;
+    }
+  }
+  if constexpr (R % 2 == 0) {
+    if (vec >= 2) {
+      fn(std::integral_constant<int, 2>{});
+      return true;
+    }
+  }
+  return false;
+}
+
+// out[k * stride] = v[k] for k < count: in vectors of vec (run_vector) where the run is whole.
+template <int R, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_run(scalar_t* out, int64_t stride, const acc_t (&v)[R], int count, int vec) {
+  auto store = [&](auto width) {
+    constexpr int W = decltype(width)::value;
+    VITKERN_UNROLL
+    for (int k = 0; k < R; k += W) {
+      VectorN<scalar_t, W> chunk;
+      VITKERN_UNROLL
+      for (int e = 0; e < W; ++e) {
+        chunk.v[e] = static_cast<scalar_t>(v[k + e]);
+      }
+      store_vector(out + k, chunk);
+    }
+  };
+  if (count == R && with_run_width<R, scalar_t>(vec, store)) {
+    return;
+  }
+  VITKERN_UNROLL
+  for (int k = 0; k < R; ++k) {
+    if (k < count) {
+      out[k * stride] = static_cast<scalar_t>(v[k]);
+    }
+  }
+}
+
+// v[k] = in[k * stride] for k < count (0 past it), in vectors as store_run.
+template <int R, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_run(const scalar_t* in, int64_t stride, acc_t (&v)[R], int count, int vec) {
+  auto load = [&](auto width) {
+    constexpr int W = decltype(width)::value;
+    VITKERN_UNROLL
+    for (int k = 0; k < R; k += W) {
+      const auto chunk = load_vector<VectorN<scalar_t, W>>(in + k);
+      VITKERN_UNROLL
+      for (int e = 0; e < W; ++e) {
+        v[k + e] = static_cast<acc_t>(chunk.v[e]);
+      }
+    }
+  };
+  if (count == R && with_run_width<R, scalar_t>(vec, load)) {
+    return;
+  }
+  VITKERN_UNROLL
+  for (int k = 0; k < R; ++k) {
+    v[k] = k < count ? static_cast<acc_t>(in[k * stride]) : acc_t(0);
+  }
+}
+
+// The forward's epilogue over a run of R outputs of one channel (NCHW: along a row) or of one pixel's channels
+// (channels_last: R = kChannelVector), `stride` apart: z = conv + bias, y = act(z) * scale + shift + residual.
+template <typename scalar_t, typename acc_t>
+struct RunEpilogue {
+  Epilogue<scalar_t, acc_t> e;
+  Strides s;  // the output's
+
+  // The per-channel vectors of channel c (bias 0, scale 1, shift 0 where absent).
+  struct Channel {
+    acc_t bias, scale, shift;
+  };
+  __device__ __forceinline__ Channel channel(int64_t c) const {
+    return {e.bias != nullptr ? static_cast<acc_t>(e.bias[c]) : acc_t(0),
+            e.scale != nullptr ? static_cast<acc_t>(e.scale[c]) : acc_t(1),
+            e.shift != nullptr ? static_cast<acc_t>(e.shift[c]) : acc_t(0)};
+  }
+
+  // The vector widths of a thread's runs of R, the first at `offset`, the others `step` after it.
+  struct Vectors {
+    int y, z, residual;
+  };
+  template <int R>
+  __device__ __forceinline__ Vectors vectors(int64_t offset, int64_t stride, int64_t step) const {
+    return {run_vector<R>(e.y + offset, stride, step), e.z == nullptr ? 1 : run_vector<R>(e.z + offset, stride, step),
+            e.residual == nullptr ? 1 : run_vector<R>(e.residual + offset, stride, step)};
+  }
+
+  // Writes y (and z) of the run at `offset` from its sums v, each with its channel's vectors.
+  template <int R>
+  __device__ __forceinline__ void store(acc_t (&v)[R], const Channel (&ch)[R], int64_t offset, int64_t stride,
+                                        int count, const Vectors& vec) const {
+    VITKERN_UNROLL
+    for (int k = 0; k < R; ++k) {
+      v[k] += ch[k].bias;
+    }
+    if (e.z != nullptr) {
+      store_run(e.z + offset, stride, v, count, vec.z);
+    }
+    acc_t res[R];
+    if (e.residual != nullptr) {
+      load_run(e.residual + offset, stride, res, count, vec.residual);
+    }
+    VITKERN_UNROLL
+    for (int k = 0; k < R; ++k) {
+      v[k] = activate(v[k], e.act) * ch[k].scale + ch[k].shift;
+      if (e.residual != nullptr) {
+        v[k] += res[k];
+      }
+    }
+    store_run(e.y + offset, stride, v, count, vec.y);
+  }
+};
+
+// dx's output: a plain store of the sums.
+template <typename scalar_t, typename acc_t>
+struct RunStore {
+  scalar_t* __restrict__ out;
+  Strides s;  // the output's
+
+  struct Channel {};
+  __device__ __forceinline__ Channel channel(int64_t) const { return {}; }
+  using Vectors = int;
+  template <int R>
+  __device__ __forceinline__ Vectors vectors(int64_t offset, int64_t stride, int64_t step) const {
+    return run_vector<R>(out + offset, stride, step);
+  }
+
+  template <int R>
+  __device__ __forceinline__ void store(acc_t (&v)[R], const Channel (&)[R], int64_t offset, int64_t stride,
+                                        int count, const Vectors& vec) const {
+    store_run(out + offset, stride, v, count, vec);
+  }
 };
 
 // The body of a sliding-window block over an out_h x out_w output: grid (tiles_h * tiles_w, channel blocks, N),
-// block kThreads. load_tile(dst, c, cb, oh0, ow0) fills the input tile of channels [c, c + cb) for the output tile
-// at (oh0, ow0) (as load_input_tile lays it out); weight_at(c, i, j) is channel c's weight at tap (i, j);
-// store(v, c, oh, ow) writes one output (called only inside the output and the channels).
-template <typename acc_t, int K, bool kChannelsLast, typename LoadTile, typename WeightAt, typename Store>
-__device__ __forceinline__ void window_conv(const WindowTiling& t, int64_t channels, int out_h, int out_w,
-                                            LoadTile&& load_tile, WeightAt&& weight_at, Store&& store) {
+// block t.threads. weight: (C, 1, K, K) contiguous, read flipped (tap K * K - 1 - tap) with kFlip; out writes the
+// runs (RunEpilogue or RunStore, whose strides are the output's).
+template <typename scalar_t, typename acc_t, int K, int R, bool kChannelsLast, bool kFlip, typename Out>
+__device__ __forceinline__ void window_conv(const WindowTiling& t, const WindowSource<scalar_t>& src,
+                                            const scalar_t* __restrict__ weight, int64_t channels, int out_h,
+                                            int out_w, const Out& out) {
+  auto weight_at = [&](const scalar_t* row, int tap) { return static_cast<acc_t>(row[kFlip ? K * K - 1 - tap : tap]); };
   static_assert(sizeof(acc_t) * kChannelVector == 16, "the shared tile is read as 16-byte vectors of fp32");
-  using Vec = Vector16<acc_t>;
-  constexpr int kRun = kChannelsLast ? kClRun : kNchwRun;
-  constexpr int kWindow = kRun + K - 1;
+  using Vec4 = Vector16<acc_t>;
   constexpr int kPitch = round4(K);  // NCHW: weights per kernel row in shared memory
-  constexpr int kLanes = kChannelsLast ? kClLanes : 1;
   VITKERN_DYNAMIC_SHARED(acc_t, smem);
   const int tid = threadIdx.x;
-  const int oh0 = static_cast<int>(blockIdx.x / t.tiles_w) * t.th;
-  const int ow0 = static_cast<int>(blockIdx.x % t.tiles_w) * t.tw;
+  const int64_t n = blockIdx.z;
+  const int tile_row = t.tiles_w_div.div(static_cast<int>(blockIdx.x));
+  const int oh0 = tile_row * t.th;
+  const int ow0 = (static_cast<int>(blockIdx.x) - tile_row * t.tiles_w) * t.tw;
   const int plane = t.rows * t.cols * (kChannelsLast ? kClChannels : 1);
   acc_t* tile = smem;
   acc_t* wts = smem + t.groups * plane;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * (kChannelsLast ? kClChannels : t.groups);
+  const int row0 = oh0 + src.row_offset;
+  const int col0 = ow0 + src.col_offset;
 
+  // The input tile, in the widest vectors the plan found (a uniform branch).
+  auto load = [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    if constexpr (kChannelsLast) {
+      load_window_pixels<V>(tile, src, t, n, c0, channels, row0, col0);
+    } else {
+      load_window_rows<V>(tile, plane, src, t, n, c0, channels, row0, col0);
+    }
+  };
+  constexpr int kMaxVec = 16 / sizeof(scalar_t);
+  if (kMaxVec >= 8 && t.vec >= 8) {
+    load(std::integral_constant<int, (kMaxVec >= 8 ? 8 : 1)>{});
+  } else if (t.vec >= 4) {
+    load(std::integral_constant<int, 4>{});
+  } else if (t.vec >= 2) {
+    load(std::integral_constant<int, 2>{});
+  } else {
+    load(std::integral_constant<int, 1>{});
+  }
   if constexpr (kChannelsLast) {
-    load_tile(tile, c0, kClChannels, oh0, ow0);
-    for (int e = tid; e < K * K * kClChannels; e += kThreads) {
-      const int64_t c = c0 + e % kClChannels;
-      const int tap = e / kClChannels;
-      wts[e] = c < channels ? weight_at(c, tap / K, tap % K) : acc_t(0);
+    // blockDim.x is a multiple of kClChannels, so a thread loads the taps of one channel.
+    const int64_t c = c0 + tid % kClChannels;
+    const scalar_t* row = weight + c * (K * K);
+    for (int tap = tid / kClChannels; tap < K * K; tap += blockDim.x / kClChannels) {
+      wts[tap * kClChannels + tid % kClChannels] = c < channels ? weight_at(row, tap) : acc_t(0);
     }
   } else {
-    for (int p = 0; p < t.groups; ++p) {
-      load_tile(tile + p * plane, c0 + p, 1, oh0, ow0);
-    }
-    for (int e = tid; e < t.groups * K * kPitch; e += kThreads) {
-      const int64_t c = c0 + e / (K * kPitch);
+    const scalar_t* rows = weight + c0 * (K * K);
+    for (int e = tid; e < t.groups * K * kPitch; e += blockDim.x) {
+      const int p = e / (K * kPitch);
       const int i = (e / kPitch) % K;
       const int j = e % kPitch;
-      wts[e] = j < K && c < channels ? weight_at(c, i, j) : acc_t(0);
+      wts[e] = j < K && c0 + p < channels ? weight_at(rows + p * (K * K), i * K + j) : acc_t(0);
     }
   }
   __syncthreads();
 
-  const int per_group = kLanes * t.tc * t.th;
-  const int group = tid / per_group;
-  const int lane = tid % kLanes;
-  const int tcol = (tid / kLanes) % t.tc;
-  const int trow = (tid % per_group) / (kLanes * t.tc);
-  if (group >= t.groups) {
-    return;
-  }
-  const int oh = oh0 + trow;
-  const int ow = ow0 + tcol * kRun;
   if constexpr (kChannelsLast) {
-    const acc_t* in = tile + (trow * t.cols + tcol * kRun) * kClChannels + lane * kChannelVector;
+    const int lane = tid % kClLanes;
+    const int trow = t.per_group_div.div(tid);  // per_group: kClLanes * tc
+    const int tcol = (tid - trow * kClLanes * t.tc) / kClLanes;
+    const int oh = oh0 + trow;
+    const int ow = ow0 + tcol * R;
+    if (trow >= t.th) {
+      return;
+    }
+    const acc_t* in = tile + (trow * t.cols + tcol * R) * kClChannels + lane * kChannelVector;
     const acc_t* w = wts + lane * kChannelVector;
-    acc_t acc[kRun][kChannelVector] = {};
+    acc_t acc[R][kChannelVector] = {};
     VITKERN_NO_UNROLL
     for (int i = 0; i < K; ++i) {
-      Vec v[kWindow];
-      VITKERN_UNROLL
-      for (int q = 0; q < kWindow; ++q) {
-        v[q] = *reinterpret_cast<const Vec*>(in + q * kClChannels);
-      }
+      Vec4 wv[K];
       VITKERN_UNROLL
       for (int j = 0; j < K; ++j) {
-        const Vec wv = *reinterpret_cast<const Vec*>(w + j * kClChannels);
+        wv[j] = load_vector<Vec4>(w + j * kClChannels);
+      }
+      VITKERN_UNROLL
+      for (int q = 0; q < R + K - 1; ++q) {
+        const Vec4 v = load_vector<Vec4>(in + q * kClChannels);
         VITKERN_UNROLL
-        for (int r = 0; r < kRun; ++r) {
-          VITKERN_UNROLL
-          for (int e = 0; e < kChannelVector; ++e) {
-            acc[r][e] += wv.v[e] * v[r + j].v[e];
+        for (int j = 0; j < K; ++j) {
+          if (q - j >= 0 && q - j < R) {
+            VITKERN_UNROLL
+            for (int e = 0; e < kChannelVector; ++e) {
+              acc[q - j][e] += wv[j].v[e] * v.v[e];
+            }
           }
         }
       }
       in += t.cols * kClChannels;
       w += K * kClChannels;
     }
-    if (oh < out_h) {
-      VITKERN_UNROLL
-      for (int e = 0; e < kChannelVector; ++e) {
-        const int64_t c = c0 + lane * kChannelVector + e;
-        VITKERN_UNROLL
-        for (int r = 0; r < kRun; ++r) {
-          if (c < channels && ow + r < out_w) {
-            store(acc[r][e], c, oh, ow + r);
-          }
-        }
+    const int64_t c = c0 + lane * kChannelVector;
+    if (oh >= out_h || c >= channels) {
+      return;
+    }
+    const int count = channels - c < kChannelVector ? static_cast<int>(channels - c) : kChannelVector;
+    typename Out::Channel ch[kChannelVector];
+    VITKERN_UNROLL
+    for (int e = 0; e < kChannelVector; ++e) {
+      ch[e] = out.channel(e < count ? c + e : c);
+    }
+    const int64_t offset = n * out.s.n + c * out.s.c + static_cast<int64_t>(oh) * out.s.h +
+                           static_cast<int64_t>(ow) * out.s.w;
+    const auto vec = out.template vectors<kChannelVector>(offset, out.s.c, out.s.w);
+    VITKERN_UNROLL
+    for (int r = 0; r < R; ++r) {
+      if (ow + r < out_w) {
+        out.store(acc[r], ch, offset + r * out.s.w, out.s.c, count, vec);
       }
     }
   } else {
-    const acc_t* in = tile + group * plane + trow * t.cols + tcol * kRun;
+    constexpr int kRead = R % 4 == 0 ? 4 : 2;  // fp32 values of a window read: 16 or 8 bytes
+    static_assert(R % 2 == 0, "an NCHW run starts on an 8-byte boundary of the shared tile");
+    constexpr int kWindow = round_up(R + K - 1, kRead);
+    using ReadVec = VectorN<acc_t, kRead>;
+    const int group = t.per_group_div.div(tid);  // per_group: tc * th / kNchwRows
+    const int within = tid - group * (t.tc * t.th / kNchwRows);
+    const int pair = t.tc_div.div(within);
+    const int tcol = within - pair * t.tc;
+    if (group >= t.groups) {
+      return;
+    }
+    const int oh = oh0 + pair * kNchwRows;
+    const int ow = ow0 + tcol * R;
+    const acc_t* in = tile + group * plane + pair * kNchwRows * t.cols + kRowLead + tcol * R;
     const acc_t* w = wts + group * K * kPitch;
-    acc_t acc[kRun] = {};
-    VITKERN_NO_UNROLL
-    for (int i = 0; i < K; ++i) {
-      acc_t v[round4(kWindow)];
+    // Input row i of the pair's window feeds output row 0 through kernel row i and output row 1 through kernel
+    // row i - 1: K + 1 rows, each read once for both.
+    acc_t acc[kNchwRows][R] = {};
+    auto window = [&](acc_t (&v)[kWindow]) {
       VITKERN_UNROLL
-      for (int q = 0; q < round4(kWindow); q += kChannelVector) {
-        const Vec chunk = *reinterpret_cast<const Vec*>(in + q);
+      for (int q = 0; q < kWindow; q += kRead) {
+        const ReadVec chunk = load_vector<ReadVec>(in + q);
         VITKERN_UNROLL
-        for (int e = 0; e < kChannelVector; ++e) {
+        for (int e = 0; e < kRead; ++e) {
           v[q + e] = chunk.v[e];
         }
       }
-      acc_t wv[kPitch];
+      in += t.cols;
+    };
+    auto weights = [&](acc_t (&wv)[kPitch], const acc_t* row) {
       VITKERN_UNROLL
       for (int q = 0; q < kPitch; q += kChannelVector) {
-        const Vec chunk = *reinterpret_cast<const Vec*>(w + q);
+        const Vec4 chunk = load_vector<Vec4>(row + q);
         VITKERN_UNROLL
         for (int e = 0; e < kChannelVector; ++e) {
           wv[q + e] = chunk.v[e];
         }
       }
+    };
+    auto fma = [&](acc_t (&a)[R], const acc_t (&wv)[kPitch], const acc_t (&v)[kWindow]) {
       VITKERN_UNROLL
       for (int j = 0; j < K; ++j) {
         VITKERN_UNROLL
-        for (int r = 0; r < kRun; ++r) {
-          acc[r] += wv[j] * v[r + j];
+        for (int r = 0; r < R; ++r) {
+          a[r] += wv[j] * v[r + j];
         }
       }
-      in += t.cols;
-      w += kPitch;
+    };
+    {
+      acc_t v[kWindow], wv[kPitch];
+      window(v);
+      weights(wv, w);
+      fma(acc[0], wv, v);
+    }
+    VITKERN_NO_UNROLL
+    for (int i = 1; i < K; ++i) {
+      acc_t v[kWindow], wv[kPitch], wv_above[kPitch];
+      window(v);
+      weights(wv, w + i * kPitch);
+      weights(wv_above, w + (i - 1) * kPitch);
+      fma(acc[0], wv, v);
+      fma(acc[1], wv_above, v);
+    }
+    {
+      acc_t v[kWindow], wv[kPitch];
+      window(v);
+      weights(wv, w + (K - 1) * kPitch);
+      fma(acc[1], wv, v);
     }
     const int64_t c = c0 + group;
-    if (c < channels && oh < out_h) {
-      VITKERN_UNROLL
-      for (int r = 0; r < kRun; ++r) {
-        if (ow + r < out_w) {
-          store(acc[r], c, oh, ow + r);
-        }
+    if (c >= channels || ow >= out_w) {
+      return;
+    }
+    const typename Out::Channel one = out.channel(c);
+    typename Out::Channel ch[R];
+    VITKERN_UNROLL
+    for (int r = 0; r < R; ++r) {
+      ch[r] = one;
+    }
+    const int count = out_w - ow < R ? out_w - ow : R;
+    const int64_t offset = n * out.s.n + c * out.s.c + static_cast<int64_t>(oh) * out.s.h +
+                           static_cast<int64_t>(ow) * out.s.w;
+    const auto vec = out.template vectors<R>(offset, out.s.w, out.s.h);
+    VITKERN_UNROLL
+    for (int row = 0; row < kNchwRows; ++row) {
+      if (oh + row < out_h) {
+        out.store(acc[row], ch, offset + row * out.s.h, out.s.w, count, vec);
       }
     }
   }
 }
 
 // Forward over the window (see above); pointers as for depthwise_conv2d_fwd_kernel. One resident block per SM is
-// all the launch bounds require, so ptxas never spills to fit more (it needs few registers anyway).
-template <typename scalar_t, typename acc_t, int K, bool kChannelsLast>
+// all the launch bounds require, so ptxas never spills to fit more.
+template <typename scalar_t, typename acc_t, int K, int R, bool kChannelsLast>
 __global__ void __launch_bounds__(kThreads, 1)
     depthwise_conv2d_fwd_window_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
                                        const scalar_t* __restrict__ bias, const scalar_t* __restrict__ scale,
                                        const scalar_t* __restrict__ shift, const scalar_t* __restrict__ residual,
                                        scalar_t* __restrict__ y, scalar_t* __restrict__ z, Geometry g, Strides sx,
                                        Strides sy, WindowTiling t, int act) {
-  const int64_t n = blockIdx.z;
-  const Epilogue<scalar_t, acc_t> epilogue{bias, scale, shift, residual, y, z, act};
-  window_conv<acc_t, K, kChannelsLast>(
-      t, g.c, static_cast<int>(g.oh), static_cast<int>(g.ow),
-      [&](acc_t* dst, int64_t c, int cb, int oh0, int ow0) {
-        load_input_tile(dst, x, g, sx, n, c, cb, oh0 - g.pad_top, ow0 - g.pad_left, t.rows, t.cols, t.load_mode);
-      },
-      [&](int64_t c, int i, int j) { return static_cast<acc_t>(weight[c * K * K + i * K + j]); },
-      [&](acc_t v, int64_t c, int oh, int ow) { epilogue.store(v, n * sy.n + c * sy.c + oh * sy.h + ow * sy.w, c); });
+  const WindowSource<scalar_t> src{x, sx, static_cast<int>(g.h), static_cast<int>(g.w), -g.pad_top, -g.pad_left};
+  const RunEpilogue<scalar_t, acc_t> out{{bias, scale, shift, residual, y, z, act}, sy};
+  window_conv<scalar_t, acc_t, K, R, kChannelsLast, false>(t, src, weight, g.c, static_cast<int>(g.oh),
+                                                            static_cast<int>(g.ow), out);
 }
 
-// dx over the window: the correlation of dz with the flipped kernel, dz padded by K - 1 - padding. Arguments as
-// for depthwise_conv2d_dx_kernel.
-template <typename scalar_t, typename acc_t, int K, bool kChannelsLast>
+// dx over the window: the correlation of dz (N, C, OH, OW) strides sy with the flipped kernel, dz padded by K - 1
+// - padding; dx: (N, C, H, W) strides sx.
+template <typename scalar_t, typename acc_t, int K, int R, bool kChannelsLast>
 __global__ void __launch_bounds__(kThreads, 1)
-    depthwise_conv2d_dx_window_kernel(GradSource<scalar_t, acc_t> grad, const scalar_t* __restrict__ weight,
+    depthwise_conv2d_dx_window_kernel(const scalar_t* __restrict__ dz, const scalar_t* __restrict__ weight,
                                       scalar_t* __restrict__ dx, Geometry g, Strides sx, Strides sy, WindowTiling t) {
-  const int64_t n = blockIdx.z;
-  window_conv<acc_t, K, kChannelsLast>(
-      t, g.c, static_cast<int>(g.h), static_cast<int>(g.w),
-      [&](acc_t* dst, int64_t c, int cb, int ih0, int iw0) {
-        load_grad_tile<scalar_t, acc_t>(dst, grad, g, sy, n, c, cb, ih0 + g.pad_top - (K - 1),
-                                        iw0 + g.pad_left - (K - 1), t.rows, t.cols, nullptr);
-      },
-      [&](int64_t c, int i, int j) {
-        return static_cast<acc_t>(weight[c * K * K + (K - 1 - i) * K + (K - 1 - j)]);
-      },
-      [&](acc_t v, int64_t c, int ih, int iw) {
-        dx[n * sx.n + c * sx.c + ih * sx.h + iw * sx.w] = static_cast<scalar_t>(v);
-      });
+  const WindowSource<scalar_t> src{dz, sy, static_cast<int>(g.oh), static_cast<int>(g.ow), g.pad_top - (K - 1),
+                                   g.pad_left - (K - 1)};
+  window_conv<scalar_t, acc_t, K, R, kChannelsLast, true>(t, src, weight, g.c, static_cast<int>(g.h),
+                                                           static_cast<int>(g.w), RunStore<scalar_t, acc_t>{dx, sx});
+}
+
+// dz = dy * act'(z) * scale, element-wise over the output (N, C, OH, OW), stored in the storage dtype for the
+// sliding-window dx. The output is dense (NCHW or channels_last, strides s): element i of channel (i / plane) %
+// channels, plane = OH * OW (NCHW) or 1 (channels_last). grid ceil(numel / (kThreads * V)), V elements a thread:
+// V > 1 needs numel, the pointers' alignment and, NCHW, the plane (channels_last: the channel count) to be
+// multiples of V, so that a vector stays inside one channel (NCHW) or one pixel (channels_last).
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    depthwise_conv2d_dz_kernel(GradSource<scalar_t, acc_t> grad, scalar_t* __restrict__ dz, int64_t numel,
+                               int64_t channels, int64_t plane) {
+  using Vec = VectorN<scalar_t, V>;
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V;
+  if (i >= numel) {
+    return;
+  }
+  // 32-bit division where the output allows it (a uniform branch).
+  const int64_t c = numel <= INT32_MAX ? static_cast<int64_t>(static_cast<uint32_t>(i) / static_cast<uint32_t>(plane) %
+                                                              static_cast<uint32_t>(channels))
+                                       : i / plane % channels;
+  const Vec d = load_vector<Vec>(grad.dy + i);
+  Vec zz;
+  if (grad.z != nullptr) {
+    zz = load_vector<Vec>(grad.z + i);
+  }
+  Vec out;
+  VITKERN_UNROLL
+  for (int k = 0; k < V; ++k) {
+    acc_t value = static_cast<acc_t>(d.v[k]);
+    if (grad.z != nullptr) {
+      value *= activate_grad(static_cast<acc_t>(zz.v[k]), grad.act);
+    }
+    if (grad.scale != nullptr) {
+      value *= static_cast<acc_t>(grad.scale[plane == 1 ? c + k : c]);
+    }
+    out.v[k] = static_cast<scalar_t>(value);
+  }
+  store_vector(dz + i, out);
 }
 
 // dx, the transposed convolution of dz. grid (tiles_h * tiles_w over the input, ceil(C / cb), N), block
@@ -1075,6 +1547,10 @@ template <>
 struct Spelling<int> {
   static std::string get() { return "int"; }
 };
+template <>
+struct Spelling<long> {
+  static std::string get() { return "long"; }
+};
 template <typename T>
 struct Spelling<const T> {
   static std::string get() { return Spelling<T>::get() + " const"; }
@@ -1130,51 +1606,110 @@ struct Spelling<WindowTiling> {
 };
 
 // The kernel sizes with a sliding-window kernel (compile-time K x K, stride 1, dilation 1).
-template <int... Ks>
-struct KernelSizes {};
 using WindowKernelSizes = KernelSizes<3, 5, 7, 9, 13, 31>;
 
+// The run of Rs that computes the fewest outputs past the end of a row of `width` (ties: the longer run).
+template <int... Rs>
+int best_window_run(int64_t width, KernelSizes<Rs...>) {
+  int best = 0;
+  int64_t best_cols = INT64_MAX;
+  for (int r : {Rs...}) {
+    const int64_t cols = (width + r - 1) / r * r;
+    if (cols < best_cols || (cols == best_cols && r > best)) {
+      best = r;
+      best_cols = cols;
+    }
+  }
+  return best;
+}
+
+// The widest vector (elements, at most kMax) the sliding-window tile load can read src (strides s, h x w, c
+// channels) in: across channels in channels_last, along rows in NCHW; 1 when src is not 16-byte aligned.
+inline int window_vector(const Strides& s, int64_t n, int64_t c, int64_t h, int64_t w, bool cl, int max_vector,
+                         bool aligned) {
+  if (!aligned) {
+    return 1;
+  }
+  for (int v = max_vector; v > 1; v /= 2) {
+    const bool outer = vector_stride(s.n, n, v) && vector_stride(s.h, h, v);
+    const bool fits = cl ? outer && s.c == 1 && c % v == 0 && v <= kClChannels && vector_stride(s.w, w, v)
+                         : outer && s.w == 1 && w % v == 0 && vector_stride(s.c, c, v);
+    if (fits) {
+      return v;
+    }
+  }
+  return 1;
+}
+
 // Sets t to the sliding-window tiling of a K x K kernel over an out_h x out_w output (the forward's output, or
-// dx's input); false when shared memory cannot hold even the smallest tile. vector_size and aligned as for
-// load_mode (how x is read; dz is read element by element).
-inline bool window_tiling(const Geometry& g, const Strides& sx, int64_t out_h, int64_t out_w, int vector_size,
-                          bool aligned, WindowTiling& t) {
+// dx's input) whose tile is read from src (strides s, src_h x src_w); false when shared memory cannot hold even
+// the smallest tile. `aligned`: src is 16-byte aligned.
+inline bool window_tiling(const Geometry& g, const Strides& s, int64_t src_h, int64_t src_w, int64_t out_h,
+                          int64_t out_w, int max_vector, bool aligned, WindowTiling& t) {
   const int k = g.kh;
-  const bool cl = channels_last(sx, g);
-  const int run = cl ? kClRun : kNchwRun;
+  const bool cl = channels_last(s, g);
   const int lanes = cl ? kClLanes : 1;
   const int ow = static_cast<int>(out_w);
   const int oh = static_cast<int>(out_h);
   t = WindowTiling{};
-  t.tc = std::min((ow + run - 1) / run, kThreads / lanes / 4);
-  t.tw = t.tc * run;
-  // As many rows as the block's threads allow, balanced over the row tiles.
-  const int th_max = kThreads / (lanes * t.tc);
-  t.th = (oh + (oh + th_max - 1) / th_max - 1) / ((oh + th_max - 1) / th_max);
-  t.groups = cl ? 1 : kThreads / (t.tc * t.th);
+  t.run = cl ? best_window_run(out_w, ClRuns{}) : best_window_run(out_w, NchwRuns{});
+  t.vec = window_vector(s, g.n, g.c, src_h, src_w, cl, max_vector, aligned);
+  // At most a quarter of the block across a row.
+  const int tc_max = kThreads / lanes / 4;
+  t.tc = std::min((ow + t.run - 1) / t.run, tc_max);
+  t.tw = t.tc * t.run;
+  // As many rows as the block's threads allow, balanced over the row tiles (NCHW: kNchwRows a thread, so an
+  // even number).
+  const int rows_per_thread = cl ? 1 : kNchwRows;
+  const int th_max = kThreads / (lanes * t.tc) * rows_per_thread;  // a multiple of rows_per_thread
+  t.th = round_up((oh + (oh + th_max - 1) / th_max - 1) / ((oh + th_max - 1) / th_max), rows_per_thread);
+  t.groups = cl ? 1 : kThreads / (t.tc * t.th / kNchwRows);
+  // NCHW rows: the columns the windows read, in vectors from the one holding the first, whatever its offset.
+  auto row_vectors = [&] { return (t.vec - 1 + t.tw + round4(k - 1) + t.vec - 1) / t.vec; };
   auto shared_floats = [&] {
     t.rows = t.th + k - 1;
-    t.cols = cl ? t.tw + k - 1 : round4(t.tw + k - 1);
+    t.cols = cl ? t.tw + k - 1 : round4(kRowLead + row_vectors() * t.vec);
     const int64_t planes = static_cast<int64_t>(t.rows) * t.cols * (cl ? kClChannels : t.groups);
     return planes + static_cast<int64_t>(k) * (cl ? k * kClChannels : round4(k) * t.groups);
   };
-  while (shared_floats() * static_cast<int64_t>(sizeof(float)) > static_cast<int64_t>(kSharedBudget)) {
+  while (shared_floats() * static_cast<int64_t>(sizeof(float)) > static_cast<int64_t>(kWindowSharedBudget)) {
     if (t.groups > 1) {
-      t.groups = (t.groups + 1) / 2;
-    } else if (t.th > 1) {
-      t.th = (t.th + 1) / 2;
+      --t.groups;
+    } else if (t.th > rows_per_thread) {
+      t.th = round_up((t.th + 1) / 2, rows_per_thread);
     } else if (t.tc > 1) {
       t.tc = (t.tc + 1) / 2;
-      t.tw = t.tc * run;
+      t.tw = t.tc * t.run;
     } else {
       return false;
     }
   }
+  if (!cl) {
+    // Of the plane counts that fit, the one that leaves the fewest lanes idle over all channel blocks (whole warps,
+    // no planes past the channels); ties: the most planes a block.
+    const int per_group = t.tc * t.th / kNchwRows;
+    const int most = t.groups;
+    int64_t best_lanes = INT64_MAX;
+    for (int groups = most; groups >= 1; --groups) {
+      const int64_t lanes_used = (g.c + groups - 1) / groups * round_up(groups * per_group, 32);
+      if (lanes_used < best_lanes) {
+        best_lanes = lanes_used;
+        t.groups = groups;
+      }
+    }
+    shared_floats();
+  }
+  // The threads the tiling computes with.
+  const int used = lanes * t.tc * t.th / rows_per_thread * t.groups;
+  t.per_row = cl ? 0 : row_vectors();
+  t.threads = round_up(used, 32);
+  t.step = cl ? t.threads : 0;
   t.tiles_h = (oh + t.th - 1) / t.th;
   t.tiles_w = (ow + t.tw - 1) / t.tw;
-  Tiling loads{};
-  loads.cb = cl ? kClChannels : 1;
-  t.load_mode = load_mode(loads, sx, g, vector_size, aligned);
+  t.tiles_w_div = FastDiv(t.tiles_w);
+  t.per_group_div = FastDiv(cl ? kClLanes * t.tc : t.tc * t.th / kNchwRows);
+  t.tc_div = FastDiv(t.tc);
+  t.load_div = FastDiv(cl ? t.cols : t.rows);
   return true;
 }
 
@@ -1194,20 +1729,27 @@ bool has_window_kernel(int k, KernelSizes<Ks...>) {
   return ((k == Ks) || ...);
 }
 
-// The sliding-window launch over out_h x out_w when g allows one (else window == 0).
+// The sliding-window launch over out_h x out_w reading src (strides s, src_h x src_w) when g allows one (else
+// window == 0).
 template <typename scalar_t, typename acc_t>
-ConvLaunch plan_window(const Geometry& g, const Strides& sx, int64_t out_h, int64_t out_w, bool aligned) {
+ConvLaunch plan_window(const Geometry& g, const Strides& s, int64_t src_h, int64_t src_w, int64_t out_h,
+                       int64_t out_w, bool aligned) {
   ConvLaunch l{};
   const bool window = g.kh == g.kw && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 &&
                       has_window_kernel(g.kh, WindowKernelSizes{}) && std::is_same_v<acc_t, float> &&
-                      out_h <= INT32_MAX / 2 && out_w <= INT32_MAX / 2;
-  if (window && window_tiling(g, sx, out_h, out_w, Vector16<scalar_t>::kSize, aligned, l.window_tiling)) {
+                      out_h <= INT32_MAX / 2 && out_w <= INT32_MAX / 2 &&
+                      // the tile load reads the nearest pixel for one outside: there must be one
+                      src_h > 0 && src_w > 0 && out_h > 0 && out_w > 0 &&
+                      // offsets within an image, and (NCHW) within the block's planes, in 32 bits
+                      s.h * src_h + s.w * src_w + s.c * std::min<int64_t>(g.c, kThreads) <= INT32_MAX;
+  if (window && window_tiling(g, s, src_h, src_w, out_h, out_w, Vector16<scalar_t>::kSize, aligned,
+                              l.window_tiling)) {
     const WindowTiling& t = l.window_tiling;
     l.window = g.kh;
-    l.cl = channels_last(sx, g);
+    l.cl = channels_last(s, g);
     const int64_t channels = l.cl ? kClChannels : t.groups;
     l.grid = dim3(t.tiles_h * t.tiles_w, static_cast<unsigned int>((g.c + channels - 1) / channels), g.n);
-    l.block = dim3(kThreads);
+    l.block = dim3(t.threads);
     const int64_t planes = static_cast<int64_t>(t.rows) * t.cols * (l.cl ? kClChannels : t.groups);
     const int64_t weights = static_cast<int64_t>(g.kh) * (l.cl ? g.kh * kClChannels : round4(g.kh) * t.groups);
     l.shared_bytes = (planes + weights) * sizeof(acc_t);
@@ -1215,21 +1757,23 @@ ConvLaunch plan_window(const Geometry& g, const Strides& sx, int64_t out_h, int6
   return l;
 }
 
-// The launch of the forward (kDx false: outputs of g.oh x g.ow) or of dx (kDx true: inputs of g.h x g.w), as
-// the sliding-window kernel when it applies, else as the generic tiled kernel. `aligned`: x is 16-byte aligned (a
-// tensor allocated by torch always is); dx reads no x and passes false.
+// The launch of the forward (kDx false: outputs of g.oh x g.ow from x, strides sx) or of dx (kDx true: inputs of
+// g.h x g.w from dz, strides sy), as the sliding-window kernel when it applies, else as the generic tiled kernel.
+// `aligned`: the tensor the tile is read from (x, or dz) is 16-byte aligned.
 template <typename scalar_t, typename acc_t, bool kDx>
-ConvLaunch plan_conv(const Geometry& g, const Strides& sx, bool aligned) {
+ConvLaunch plan_conv(const Geometry& g, const Strides& sx, const Strides& sy, bool aligned) {
   const int64_t rows = kDx ? g.h : g.oh;
   const int64_t cols = kDx ? g.w : g.ow;
-  ConvLaunch l = plan_window<scalar_t, acc_t>(g, sx, rows, cols, aligned);
+  ConvLaunch l = kDx ? plan_window<scalar_t, acc_t>(g, sy, g.oh, g.ow, rows, cols, aligned)
+                     : plan_window<scalar_t, acc_t>(g, sx, g.h, g.w, rows, cols, aligned);
   if (l.window != 0) {
     return l;
   }
   const auto tile_floats = [&](const Tiling& u) { return kDx ? dx_tile_floats(u, g) : fwd_tile_floats(u, g); };
   Tiling t = base_tiling(sx, g, rows, cols, kMaxTileOutputs);
   fit_shared(t, g, sizeof(acc_t), tile_floats);
-  finish_tiling(t, rows, cols, sx, g, Vector16<scalar_t>::kSize, aligned);
+  // The generic dx kernel reads dz element by element; the forward's load mode is x's.
+  finish_tiling(t, rows, cols, sx, g, Vector16<scalar_t>::kSize, !kDx && aligned);
   l.tiling = t;
   l.grid = dim3(t.tiles_h * t.tiles_w, static_cast<unsigned int>((g.c + t.cb - 1) / t.cb), g.n);
   l.block = dim3(kThreads);
@@ -1239,30 +1783,40 @@ ConvLaunch plan_conv(const Geometry& g, const Strides& sx, bool aligned) {
 
 template <typename scalar_t, typename acc_t>
 ConvLaunch plan_fwd(const Geometry& g, const Strides& sx, bool aligned) {
-  return plan_conv<scalar_t, acc_t, false>(g, sx, aligned);
+  return plan_conv<scalar_t, acc_t, false>(g, sx, sx, aligned);
 }
 
+// dy and dz are laid out like x (the op makes them so).
 template <typename scalar_t, typename acc_t>
-ConvLaunch plan_dx(const Geometry& g, const Strides& sx) {
-  return plan_conv<scalar_t, acc_t, true>(g, sx, false);
+ConvLaunch plan_dx(const Geometry& g, const Strides& sx, const Strides& sy, bool aligned) {
+  return plan_conv<scalar_t, acc_t, true>(g, sx, sy, aligned);
 }
 
-// The sliding-window kernel (forward, or dx with kDx) for K x K (one of Ks), handed to fn as with_conv_kernel does.
+// The sliding-window kernel (forward, or dx with kDx) for K x K (one of Ks) and the launch's run, handed to fn as
+// with_conv_kernel does.
 template <typename scalar_t, typename acc_t, bool kDx, bool kChannelsLast, typename Fn, int K, int... Ks>
 void with_window_kernel(const ConvLaunch& l, Fn&& fn, KernelSizes<K, Ks...>) {
   if (l.window == K) {
-    auto name = [](const char* base, auto kernel_ptr) {
-      return kernel_name(base,
-                         type_args<scalar_t, acc_t>() + ", " + std::to_string(K) + ", " +
-                             (kChannelsLast ? "true" : "false"),
-                         kernel_ptr);
+    auto with_run = [&](auto run) {
+      constexpr int R = decltype(run)::value;
+      auto name = [](const char* base, auto kernel_ptr) {
+        return kernel_name(base,
+                           type_args<scalar_t, acc_t>() + ", " + std::to_string(K) + ", " + std::to_string(R) + ", " +
+                               (kChannelsLast ? "true" : "false"),
+                           kernel_ptr);
+      };
+      if constexpr (kDx) {
+        constexpr auto kernel = depthwise_conv2d_dx_window_kernel<scalar_t, acc_t, K, R, kChannelsLast>;
+        fn(kernel, [&] { return name("depthwise_conv2d_dx_window_kernel", kernel); }, l.window_tiling);
+      } else {
+        constexpr auto kernel = depthwise_conv2d_fwd_window_kernel<scalar_t, acc_t, K, R, kChannelsLast>;
+        fn(kernel, [&] { return name("depthwise_conv2d_fwd_window_kernel", kernel); }, l.window_tiling);
+      }
     };
-    if constexpr (kDx) {
-      constexpr auto dx_kernel = depthwise_conv2d_dx_window_kernel<scalar_t, acc_t, K, kChannelsLast>;
-      fn(dx_kernel, [&] { return name("depthwise_conv2d_dx_window_kernel", dx_kernel); }, l.window_tiling);
+    if constexpr (kChannelsLast) {
+      with_size(l.window_tiling.run, ClRuns{}, with_run);
     } else {
-      constexpr auto fwd_kernel = depthwise_conv2d_fwd_window_kernel<scalar_t, acc_t, K, kChannelsLast>;
-      fn(fwd_kernel, [&] { return name("depthwise_conv2d_fwd_window_kernel", fwd_kernel); }, l.window_tiling);
+      with_size(l.window_tiling.run, NchwRuns{}, with_run);
     }
   } else if constexpr (sizeof...(Ks) > 0) {
     with_window_kernel<scalar_t, acc_t, kDx, kChannelsLast>(l, fn, KernelSizes<Ks...>{});
@@ -1288,23 +1842,81 @@ void with_conv_kernel(const ConvLaunch& l, Fn&& fn) {
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kDx>
-std::vector<std::string> describe_conv(const ConvLaunch& l) {
+template <typename scalar_t, typename acc_t>
+std::vector<std::string> describe_fwd(const Geometry& g, const Strides& sx) {
+  const ConvLaunch l = plan_fwd<scalar_t, acc_t>(g, sx, true);
   std::vector<std::string> out;
-  with_conv_kernel<scalar_t, acc_t, kDx>(l, [&](auto, auto name, const auto&) {
+  with_conv_kernel<scalar_t, acc_t, false>(l, [&](auto, auto name, const auto&) {
     out.push_back(describe_launch(name(), l.grid, l.block, l.shared_bytes));
   });
   return out;
 }
 
+// Whether the sliding-window dx of launch l reads a dz computed first (depthwise_conv2d_dz_kernel into a buffer
+// like dy): where the epilogue makes dz differ from dy. The generic dx kernel computes dz as it loads it.
 template <typename scalar_t, typename acc_t>
-std::vector<std::string> describe_fwd(const Geometry& g, const Strides& sx) {
-  return describe_conv<scalar_t, acc_t, false>(plan_fwd<scalar_t, acc_t>(g, sx, true));
+bool dx_needs_dz(const ConvLaunch& l, const GradSource<scalar_t, acc_t>& grad) {
+  return l.window != 0 && ((grad.z != nullptr && grad.act != kNone) || grad.scale != nullptr);
 }
 
+// The launches of dx, in order: depthwise_conv2d_dz_kernel into dz where dx_needs_dz, then the dx kernel.
+// fn(kernel, name, grid, block, shared_bytes, args...) is called for each, as by dweight_launches.
+template <typename scalar_t, typename acc_t, typename Fn>
+void dx_launches(const ConvLaunch& l, const Geometry& g, const GradSource<scalar_t, acc_t>& grad, scalar_t* dz,
+                 const scalar_t* weight, scalar_t* dx, const Strides& sx, const Strides& sy, Fn&& fn) {
+  if (l.window == 0) {
+    constexpr auto kernel = depthwise_conv2d_dx_kernel<scalar_t, acc_t>;
+    fn(kernel, [&] { return kernel_name("depthwise_conv2d_dx_kernel", type_args<scalar_t, acc_t>(), kernel); },
+       l.grid, l.block, l.shared_bytes, grad, weight, dx, g, sx, sy, l.tiling);
+    return;
+  }
+  const scalar_t* src = grad.dy;
+  if (dx_needs_dz(l, grad)) {
+    constexpr int kMaxVec = Vector16<scalar_t>::kSize;
+    const int64_t numel = g.n * g.c * g.oh * g.ow;
+    const int64_t plane = l.cl ? 1 : g.oh * g.ow;
+    const bool aligned = aligned16(grad.dy) && aligned16(dz) && (grad.z == nullptr || aligned16(grad.z));
+    const bool whole = numel % kMaxVec == 0 && (plane % kMaxVec == 0 || (plane == 1 && g.c % kMaxVec == 0));
+    auto dz_kernel = [&](auto kernel, int vec) {
+      fn(kernel,
+         [&] {
+           return kernel_name("depthwise_conv2d_dz_kernel", type_args<scalar_t, acc_t>() + ", " + std::to_string(vec),
+                              kernel);
+         },
+         dim3(static_cast<unsigned int>((numel / vec + kThreads - 1) / kThreads)), dim3(kThreads), 0, grad, dz,
+         numel, g.c, plane);
+    };
+    if (aligned && whole) {
+      dz_kernel(depthwise_conv2d_dz_kernel<scalar_t, acc_t, kMaxVec>, kMaxVec);
+    } else {
+      dz_kernel(depthwise_conv2d_dz_kernel<scalar_t, acc_t, 1>, 1);
+    }
+    src = dz;
+  }
+  auto window = [&](auto kernel, auto name, const auto& tiling) {
+    fn(kernel, name, l.grid, l.block, l.shared_bytes, src, weight, dx, g, sx, sy, tiling);
+  };
+  if (l.cl) {
+    with_window_kernel<scalar_t, acc_t, true, true>(l, window, WindowKernelSizes{});
+  } else {
+    with_window_kernel<scalar_t, acc_t, true, false>(l, window, WindowKernelSizes{});
+  }
+}
+
+// The launches of dx for an epilogue with activation `act` (and a scale where act is one), as described
+// launches.
 template <typename scalar_t, typename acc_t>
-std::vector<std::string> describe_dx(const Geometry& g, const Strides& sx) {
-  return describe_conv<scalar_t, acc_t, true>(plan_dx<scalar_t, acc_t>(g, sx));
+std::vector<std::string> describe_dx(const Geometry& g, const Strides& sx, int act) {
+  const ConvLaunch l = plan_dx<scalar_t, acc_t>(g, sx, sx, true);
+  // Made-up 16-byte aligned addresses: only which pointers are null matters to the plan.
+  const auto fake = reinterpret_cast<scalar_t*>(std::uintptr_t{1} << 20);
+  const GradSource<scalar_t, acc_t> grad{fake, act != kNone ? fake : nullptr, act != kNone ? fake : nullptr, act};
+  std::vector<std::string> out;
+  dx_launches<scalar_t, acc_t>(l, g, grad, fake, fake, fake, sx, sx,
+                               [&](auto, auto name, dim3 grid, dim3 block, std::size_t shared_bytes, auto&&...) {
+                                 out.push_back(describe_launch(name(), grid, block, shared_bytes));
+                               });
+  return out;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -1313,18 +1925,26 @@ void launch_fwd(const scalar_t* x, const scalar_t* weight, const scalar_t* bias,
                 const Strides& sx, const Strides& sy, int act, cudaStream_t stream) {
   const ConvLaunch l = plan_fwd<scalar_t, acc_t>(g, sx, aligned16(x));
   with_conv_kernel<scalar_t, acc_t, false>(l, [&](auto kernel, auto, const auto& tiling) {
+    if (l.shared_bytes > kSharedBudget) {
+      allow_shared(kernel, l.shared_bytes);
+    }
     launch(kernel, l.grid, l.block, l.shared_bytes, stream, x, weight, bias, scale, shift, residual, y, z, g, sx, sy,
            tiling, act);
   });
 }
 
+// dx of launch l (plan_dx); dz: a buffer like dy where dx_needs_dz(l, grad), else unused.
 template <typename scalar_t, typename acc_t>
-void launch_dx(const GradSource<scalar_t, acc_t>& grad, const scalar_t* weight, scalar_t* dx, const Geometry& g,
-               const Strides& sx, const Strides& sy, cudaStream_t stream) {
-  const ConvLaunch l = plan_dx<scalar_t, acc_t>(g, sx);
-  with_conv_kernel<scalar_t, acc_t, true>(l, [&](auto kernel, auto, const auto& tiling) {
-    launch(kernel, l.grid, l.block, l.shared_bytes, stream, grad, weight, dx, g, sx, sy, tiling);
-  });
+void launch_dx(const ConvLaunch& l, const GradSource<scalar_t, acc_t>& grad, scalar_t* dz, const scalar_t* weight,
+               scalar_t* dx, const Geometry& g, const Strides& sx, const Strides& sy, cudaStream_t stream) {
+  dx_launches<scalar_t, acc_t>(l, g, grad, dz, weight, dx, sx, sy,
+                               [&](auto kernel, auto, dim3 grid, dim3 block, std::size_t shared_bytes,
+                                   auto&&... args) {
+                                 if (shared_bytes > kSharedBudget) {
+                                   allow_shared(kernel, shared_bytes);
+                                 }
+                                 launch(kernel, grid, block, shared_bytes, stream, args...);
+                               });
 }
 
 // The dweight launch's cut of the work; the caller allocates partials of (C, blocks_g, taps) and
@@ -1465,15 +2085,6 @@ DweightPlan plan_dweight(const Geometry& g, const Strides& sx, bool aligned) {
   return plan;
 }
 
-// fn(std::integral_constant<int, R>) for R == run, one of Rs.
-template <int R, int... Rs, typename Fn>
-void with_dweight_run(int run, KernelSizes<R, Rs...>, Fn&& fn) {
-  if (run == R) {
-    fn(std::integral_constant<int, R>{});
-  } else if constexpr (sizeof...(Rs) > 0) {
-    with_dweight_run(run, KernelSizes<Rs...>{}, fn);
-  }
-}
 
 // The launches of a weight-gradient pass, in order: the dweight kernel, then reduce_partials for the weight
 // partials (want_w) and for the epilogue sums (want_sums). fn(kernel, name, grid, block, shared_bytes, args...)
@@ -1497,7 +2108,7 @@ void dweight_launches(const DweightPlan& plan, const Geometry& g, const GradSour
   if (plan.run == 0) {
     main_kernel(depthwise_conv2d_dweight_kernel<scalar_t, acc_t, 0>, 0);
   } else {
-    with_dweight_run(plan.run, DweightRuns{}, [&](auto run) {
+    with_size(plan.run, DweightRuns{}, [&](auto run) {
       main_kernel(depthwise_conv2d_dweight_kernel<scalar_t, acc_t, decltype(run)::value>, decltype(run)::value);
     });
   }

@@ -47,6 +47,22 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, std::size_t sh
 #endif
 }
 
+// Lets `kernel` take `bytes` of dynamic shared memory past the 48 KiB a launch gets by default (the attribute the
+// CUDA runtime asks for); nothing to do in the emulation.
+template <typename Kernel>
+void allow_shared(Kernel kernel, std::size_t bytes) {
+#ifdef VITKERN_EMULATION
+  (void)kernel;
+  (void)bytes;
+#else
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("vitkern: dynamic shared memory: ") + cudaGetErrorString(err));
+  }
+#endif
+}
+
 // *reinterpret_cast<const V*>(p): one vector access (V: a 2-, 4-, 8- or 16-byte type as wide as its alignment,
 // such as float4, uint4 or a struct alignas(16)). p must be sizeof(V)-aligned, as the GPU requires; the
 // emulation checks it and aborts naming the kernel and the address. Every vector access of csrc/ goes through

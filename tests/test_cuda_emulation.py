@@ -147,6 +147,15 @@ CASES = [
     # sliding-window kernels: channels not a multiple of the channel block, width not a multiple of the run
     ((2, 20, 9, 13), (7, 7), 1, 1, "same", "relu", True, True),
     ((1, 3, 11, 19), (5, 5), 1, 1, "same", None, False, True),
+    # NCHW runs of 14 (8-byte window reads) over rows read in vectors of 4 (fp16: 4 too), and runs of 16 (two
+    # threads a row, 16-byte vectors and stores in fp16), two rows a thread, an odd height; many planes a block;
+    # channels_last runs of 7 and 8 over vectors of 8 channels (fp16) and of 2
+    ((1, 3, 10, 28), (7, 7), 1, 1, "same", "gelu", False, True),
+    ((1, 5, 6, 32), (9, 9), 1, 1, "same", None, False, True),
+    ((2, 7, 5, 14), (3, 3), 1, 1, "same", "relu", False, False),
+    ((1, 24, 7, 28), (7, 7), 1, 1, "same", "gelu", True, True),
+    ((1, 6, 6, 16), (3, 3), 1, 1, "same", None, True, True),
+    ((1, 5, 5, 9), (5, 5), 1, 1, "same", "relu", True, True),  # channels_last, channel by channel
 ]
 
 
@@ -177,8 +186,14 @@ def test_op_fp32_matches_reference(emu, case):
         assert torch.equal(t, originals[name]), f"{name} was modified"
 
 
+# The sliding-window cases without bias, scale, shift and residual: their sums (dbias, dscale, dshift) reach ~30 at
+# 196 pixels, where one bf16 ulp is 0.25, so against a same-dtype reference they compare rounding against rounding;
+# the fp32 test checks them with the epilogue.
+WINDOW_LOWP_CASES = [(*case[:7], False) for case in (CASES[10], CASES[11], CASES[13])]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], *WINDOW_LOWP_CASES], ids=_case_id)
 def test_op_low_precision(emu, case, dtype):
     shape, k, stride, dilation, padding, act, cl, ep = case
     tensors32 = _inputs(*shape, k, stride, dilation, padding, ep, cl)
@@ -212,6 +227,33 @@ def test_op_large_kernels(emu, shape, k, dilation, cl):
     assert_close(y, ref_y, name="y")
     for name in grads:
         assert_close(grads[name], ref_grads[name], name=f"d{name}")
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_op_empty_input_rows_padded_to_an_output(emu, cl):
+    """An input with no rows, padded into output rows (PyTorch's conv2d refuses it): every sum is 0, so the output
+    is the epilogue of the bias alone, checked with its gradients against that closed form. The sliding-window
+    kernels, which read the pixel nearest to one outside the input, are not used: there is none."""
+    x = torch.randn(1, 4, 0, 8)
+    x = x.contiguous(memory_format=torch.channels_last) if cl else x
+    tensors = {
+        "x": x,
+        "weight": torch.randn(4, 1, 3, 3),
+        "bias": torch.randn(4),
+        "scale": torch.randn(4),
+        "shift": torch.randn(4),
+        "residual": torch.randn(1, 4, 2, 10),
+    }
+    dy = torch.randn(1, 4, 2, 10)
+    y, grads = _forward_backward(tensors, dy, "cuda", padding=2, activation="gelu")
+    leaves = {name: t.clone().requires_grad_(True) for name, t in tensors.items() if name not in ("x", "weight")}
+    per_channel = torch.nn.functional.gelu(leaves["bias"]) * leaves["scale"] + leaves["shift"]
+    ref_y = per_channel.view(1, 4, 1, 1) + leaves["residual"]
+    ref_grads = dict(zip(leaves, torch.autograd.grad(ref_y, list(leaves.values()), dy)))
+    assert_close(y, ref_y.detach(), name="y")
+    assert grads["x"].shape == x.shape and torch.equal(grads["weight"], torch.zeros_like(grads["weight"]))
+    for name, ref in ref_grads.items():
+        assert_close(grads[name], ref, name=f"d{name}")
 
 
 # --- the raw kernel contract ---------------------------------------------------------------------------------------

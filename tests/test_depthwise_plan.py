@@ -19,8 +19,8 @@ DIRECTIONS = ("fwd", "dx", "dweight")
 DTYPES = ("float32", "float16", "bfloat16")
 SM90 = 90
 THREADS = 256  # kThreads of csrc/depthwise_conv_kernels.cuh
-MAX_DYNAMIC_SHARED = 227 * 1024  # sm_90's per-block opt-in limit; the kernels stay within the 48 KiB default
-DEFAULT_DYNAMIC_SHARED = 48 * 1024
+DEFAULT_DYNAMIC_SHARED = 48 * 1024  # the generic kernels stay within the default
+SM80_DYNAMIC_SHARED = 163 * 1024  # sm_80's per-block opt-in limit, under sm_90's
 
 # (N, C, H, W), (kh, kw), stride, padding (top, bottom, left, right), dilation
 SHAPES = [
@@ -116,9 +116,40 @@ def test_plan_launches(emu, shape, channels_last):
                 assert launches[0][1][2] == n, "one grid layer per image"
             main_name, grid, block, shared = launches[0]
             assert f"<{scalar}, float" in main_name
-            assert block == (THREADS, 1, 1)
+            # whole warps, at most THREADS; the generic kernels always take THREADS
+            assert block[0] % 32 == 0 and 32 <= block[0] <= THREADS and block[1:] == (1, 1)
+            if "window" not in main_name:
+                assert block == (THREADS, 1, 1)
             assert min(grid) >= 1 and grid[1] * 32 >= c
-            assert 0 < shared <= DEFAULT_DYNAMIC_SHARED <= MAX_DYNAMIC_SHARED
+            # the window kernels ask for more than the default (csrc/launch.h allow_shared), within sm_80's 163 KiB
+            assert 0 < shared <= (SM80_DYNAMIC_SHARED if "window" in main_name else DEFAULT_DYNAMIC_SHARED)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_window_dx_computes_dz_first_behind_an_activation(emu, channels_last):
+    """With an activation (and its scale) dz differs from dy: the sliding-window dx reads it from an element-wise
+    kernel's output over the whole output, one thread a 16-byte vector; without one it reads dy itself."""
+    shape = SHAPES[0]  # ConvMixer-1536/20
+    (n, c, h, w) = shape[0]
+    plain = [_parse(launch) for launch in _plan(emu, shape, channels_last, "float16", "dx")]
+    fused = [_parse(launch) for launch in _plan(emu, shape, channels_last, "float16", "dx", activation=1)]
+    assert [name for name, *_ in plain] == [name for name, *_ in fused[1:]]
+    assert "dx_window_kernel" in plain[0][0]
+    dz_name, grid, block, shared = fused[0]
+    assert dz_name.startswith("void vitkern::dwconv::depthwise_conv2d_dz_kernel<c10::Half, float, 8>")
+    assert grid == (n * c * h * w // (8 * THREADS), 1, 1) and block == (THREADS, 1, 1) and shared == 0
+
+
+@pytest.mark.parametrize("size", [(85, 85), (73, 112), (25, 320)])
+def test_window_tiling_of_heights_at_the_block_limit(emu, size):
+    """NCHW sizes whose balanced tile height, rounded up to the two rows a thread takes, would ask for more than a
+    block's threads for one plane: the plan still holds at least one plane a block."""
+    h, w = size
+    shape = ((1, 3, h, w), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    for direction in ("fwd", "dx"):
+        ((name, grid, block, shared),) = [_parse(launch) for launch in _plan(emu, shape, False, "float16", direction)]
+        assert "window_kernel" in name
+        assert 32 <= block[0] <= THREADS and grid[1] >= 1 and shared > 0
 
 
 def test_plan_empty_input_launches_nothing(emu):

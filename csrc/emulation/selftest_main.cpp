@@ -315,8 +315,9 @@ bool run_case(const Case& k, std::mt19937& rng) {
 
   const dw::GradSource<float, float> grad{dy.data(), k.act != dw::kNone || k.epilogue ? z.data() : nullptr,
                                           k.epilogue ? scale.data() : nullptr, k.act};
-  std::vector<float> dx(in_count);
-  dw::launch_dx<float, float>(grad, weight.data(), dx.data(), g, sx, sy, nullptr);
+  std::vector<float> dx(in_count), dz(out_count);
+  const dw::ConvLaunch dx_launch = dw::plan_dx<float, float>(g, sx, sy, true);
+  dw::launch_dx<float, float>(dx_launch, grad, dz.data(), weight.data(), dx.data(), g, sx, sy, nullptr);
   const dw::DweightPlan plan = dw::plan_dweight<float, float>(g, sx, dw::aligned16(x.data()));
   std::vector<float> partial_w(static_cast<std::size_t>(k.c) * plan.blocks_g * taps),
       partial_sums(static_cast<std::size_t>(k.c) * plan.blocks_g * dw::kEpilogueSums),
@@ -329,6 +330,23 @@ bool run_case(const Case& k, std::mt19937& rng) {
     ok = ok && close(sums, sums_ref, "dbias/dscale/dshift", k);
   }
   return ok;
+}
+
+// FastDiv against / and % for divisors and dividends of every size the window kernels use, and the largest.
+bool run_fast_div() {
+  bool ok = true;
+  for (int d = 1; d <= 1100; ++d) {
+    const dw::FastDiv fast(d);
+    for (int n : {0, 1, d - 1, d, d + 1, 2 * d + 3, 65535, 1 << 20, INT32_MAX - 1, INT32_MAX}) {
+      if (n >= 0 && (fast.div(n) != n / d || fast.mod(n) != n % d)) {
+        ok = false;
+      }
+    }
+    for (int n = 0; n < 4096; ++n) {
+      ok = ok && fast.div(n) == n / d && fast.mod(n) == n % d;
+    }
+  }
+  return report(ok, "FastDiv: quotients and remainders of divisors 1 to 1100");
 }
 
 // Which loads load_mode() picks: vectors only where the layout, the sizes and the alignment allow.
@@ -363,7 +381,7 @@ bool run_kernel_choice() {
     g.ow = (w + 2 * (k / 2) - dilation * (k - 1) - 1) / stride + 1;
     const dw::Strides sx = strides_of(2, c, h, w, channels_last);
     const int fwd = dw::plan_fwd<float, float>(g, sx, true).window;
-    const int dx = dw::plan_dx<float, float>(g, sx).window;
+    const int dx = dw::plan_dx<float, float>(g, sx, sx, true).window;
     return fwd == dx ? fwd : -1;
   };
   bool ok = true;
@@ -436,7 +454,7 @@ bool run_conv() {
   for (const Case& k : cases) {
     ok &= run_case(k, rng);
   }
-  return ok && run_load_modes() && run_kernel_choice() && run_dweight_choice();
+  return ok && run_fast_div() && run_load_modes() && run_kernel_choice() && run_dweight_choice();
 }
 
 // --- attention against naive loops ----------------------------------------------------------------------------

@@ -922,11 +922,11 @@ void run(const dw::Geometry& g, const dw::Strides& s, bool epilogue) {
               epilogue ? ptr(6) : none, ptr(7), epilogue ? ptr(8) : none, g, s, s, tiling, act));
   });
   const dw::GradSource<S, A> grad{ptr(9), epilogue ? ptr(8) : none, epilogue ? ptr(4) : none, act};
-  const dw::ConvLaunch d = dw::plan_dx<S, A>(g, s);
-  dw::with_conv_kernel<S, A, true>(d, [&](auto kernel, auto name, const auto& tiling) {
-    emit("dx", dw::describe_launch(name(), d.grid, d.block, d.shared_bytes),
-         pack(kernel, grad, ptr(2), ptr(10), g, s, s, tiling));
-  });
+  const dw::ConvLaunch d = dw::plan_dx<S, A>(g, s, s, true);
+  dw::dx_launches<S, A>(d, g, grad, ptr(11), ptr(2), ptr(10), s, s,
+                        [&](auto kernel, auto name, dim3 grid, dim3 block, std::size_t shared, auto&&... args) {
+                          emit("dx", dw::describe_launch(name(), grid, block, shared), pack(kernel, args...));
+                        });
   const dw::DweightPlan plan = dw::plan_dweight<S, A>(g, s, true);
   dw::dweight_launches<S, A>(plan, g, grad, ptr(1), acc(1), acc(2), acc(3), acc(4), s, s, true, true,
                              [&](auto kernel, auto name, dim3 grid, dim3 block, std::size_t shared, auto&&... args) {
@@ -1037,8 +1037,9 @@ def executed(function: _sass.Function, shape: _sass.LaunchShape) -> Executed:
 
 
 def _cuda_work(direction: str, kernel: str, shape: ConvShape, dtype: torch.dtype, launch: PlannedLaunch) -> Work:
-    """Work of one planned launch: its direction's (forward, dx, dweight), or a partial-sum reduction's for the
-    dweight direction's ``reduce`` kernels."""
+    """Work of one planned launch: its direction's (forward, dx, dweight), a partial-sum reduction's for the
+    dweight direction's ``reduce`` kernels, or, in the dx direction, the element-wise dz kernel's (dy and z read, dz
+    written) and the sliding-window dx kernel's, which reads dz (or dy itself) and the weight."""
     size = torch.empty((), dtype=dtype).element_size()
     maps = shape.batch * shape.channels * shape.size * shape.size
     taps = shape.kernel * shape.kernel
@@ -1049,6 +1050,10 @@ def _cuda_work(direction: str, kernel: str, shape: ConvShape, dtype: torch.dtype
     if direction == "fwd":
         reads = maps * size + weight + vectors + (maps * size if shape.convmixer_epilogue else 0)
         return Work(reads, maps * size + with_z, macs, "fp32")
+    if direction == "dx" and "dz_kernel" in kernel:
+        return Work(2 * maps * size + shape.channels * size, maps * size, 0, "fp32")
+    if direction == "dx" and "window" in kernel:  # reads dz (or dy, where they are one)
+        return Work(maps * size + weight, maps * size, macs, "fp32")
     if direction == "dx":
         return Work(maps * size + with_z + weight + vectors, maps * size, macs, "fp32")
     if direction == "dweight" and "reduce" in kernel:
