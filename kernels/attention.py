@@ -57,6 +57,7 @@ from vitkern.kernels._specs import REPORT_DTYPES, TRITON_DTYPES, KernelSpec
 from vitkern.kernels.contract import BIAS_DENSE, BIAS_LEVIT, BIAS_MODES, BIAS_REL_POS, MAX_HEAD_DIM
 
 LOG2E = tl.constexpr(1.4426950408889634)
+_LOG2E_FP32 = torch.tensor(1.4426950408889634, dtype=torch.float32)  # LOG2E as the kernels' fp32 products round it
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
 SHORT_TOKENS = 16  # up to this many tokens a 16 x 16 tile holds the whole sequence
 LONG_TILE = 64
@@ -98,6 +99,9 @@ DKDV_WARPS = 4  # the dk/dv kernel's 64 x 16 tiles of fp16 / bf16 (:func:`_dkdv_
 SHORT_MAX_FWD_HEAD = 64
 SHORT_FWD_WARPS = 4
 SHORT_FWD_STREAM_N = 32
+# The streamed short forward takes no software pipelining: its prefetched gathers held about 30 more registers a
+# thread (3 blocks per SM where one stage fits 4, the kernel report's figures).
+SHORT_FWD_STREAM_STAGES = 1
 SHORT_FWD_ALIGN = 16
 SHORT_FWD_ALIGNED = (
     "stride_qb",
@@ -160,6 +164,16 @@ def _bias_stored(bias, qi, kj, mask, BIAS_MODE: tl.constexpr):
 
 
 @triton.jit
+def _scaled_bias(scaled_table, query_part, key_part_ptr, kj):
+    """log2(e) * bias of a relative-position table (mode 1) for query parts ``query_part`` and key indices ``kj``
+    (broadcastable index tensors), from the table in its scaled form (:func:`_table_args`): scaled_table, already
+    advanced to the program's head, holds log2(e) * table[:, h] and then -inf; the index is query part - key part,
+    and the key parts are -entries past the keys, so padding keys read -inf. One unmasked load a score, no
+    division: the geometry is in the part vectors."""
+    return tl.load(scaled_table + (query_part - tl.load(key_part_ptr + kj)))
+
+
+@triton.jit
 def _mask_tile(attn_mask_ptr, qi, kj, valid, NK):
     """attn_mask[qi, kj] in fp32 (attn_mask_ptr already advanced to the program's window, rows of NK keys); 0 where
     ~valid."""
@@ -175,6 +189,18 @@ def _scores(a, b, qk_scale, bias, attn_mask_ptr, qi, kj, valid, NK, BIAS_MODE: t
     s = tl.dot(a, b, input_precision="ieee") * qk_scale
     if BIAS_MODE != 0:
         s += LOG2E * _bias_tile(bias, qi, kj, valid, BIAS_MODE)
+    if HAS_MASK:
+        s += LOG2E * _mask_tile(attn_mask_ptr, qi, kj, valid, NK)
+    return s
+
+
+@triton.jit
+def _table_scores(a, b, qk_scale, table, attn_mask_ptr, qi, kj, valid, NK, HAS_MASK: tl.constexpr):
+    """:func:`_scores` of a relative-position table (mode 1) in its scaled form: table is the tuple (scaled_table,
+    query_part, key_part_ptr) of :func:`_scaled_bias`, the query parts beside query indices qi. -inf at padding
+    keys, where the mask (read as 0 where ~valid) adds 0."""
+    scaled_table, query_part, key_part_ptr = table
+    s = tl.dot(a, b, input_precision="ieee") * qk_scale + _scaled_bias(scaled_table, query_part, key_part_ptr, kj)
     if HAS_MASK:
         s += LOG2E * _mask_tile(attn_mask_ptr, qi, kj, valid, NK)
     return s
@@ -330,6 +356,8 @@ def _attention_fwd_short_kernel(
     k_ptr,
     v_ptr,
     bias_ptr,
+    query_part_ptr,
+    key_part_ptr,
     attn_mask_ptr,
     out_ptr,
     lse_ptr,
@@ -373,7 +401,9 @@ def _attention_fwd_short_kernel(
     [chunk * batch_per_chunk, ...) of its chunk. The window geometry is compile-time (as in
     :func:`_attention_bwd_short_kernel`). Where one key block covers the keys (``ONE_KEY_TILE``) the softmax is
     one pass over the tile, and a table / biases bias (modes 1 and 2, the same for every batch entry) is gathered
-    once per program, before the loop over the chunk. Pointers and outputs as in :func:`_attention_fwd_kernel`.
+    once per program, before the loop over the chunk. Past one key block a table (mode 1) is read per key block
+    in its scaled form (bias_ptr, query_part_ptr and key_part_ptr as :func:`_table_args` makes them; see
+    :func:`_scaled_bias`). Other pointers and outputs as in :func:`_attention_fwd_kernel`.
     """
     h = tl.program_id(1).to(tl.int64)
     chunk = tl.program_id(2).to(tl.int64)
@@ -393,6 +423,8 @@ def _attention_fwd_short_kernel(
         # the table's dtype (half the registers of fp32 for fp16 / bf16 tables)
         table = (bias_ptr + h * stride_biash, stride_biasm, stride_biasn, Q_GRID_W, K_GRID_W, Q_STEP, WIN_H)
         stored_bias = _bias_stored(table, rows, cols, one_tile, BIAS_MODE)
+    if BIAS_MODE == 1 and not ONE_KEY_TILE:
+        scaled = (bias_ptr + h * stride_biash, tl.load(query_part_ptr + rows), key_part_ptr)  # _table_scores
     for b in range(b_lo, b_hi):
         bh = b * H + h
         q_base, k_base, v_base = _head_bases(
@@ -428,8 +460,11 @@ def _attention_fwd_short_kernel(
                 k = _load_tile(k_base, keys, offs_d, stride_kn, 1, NK, D)
                 v = _load_tile(v_base, keys, offs_dv, stride_vn, 1, NK, DV)
                 valid = (rows < NQ) & (kj < NK)
-                s = _scores(q, tl.trans(k), qk_scale, bias, window_mask, rows, kj, valid, NK, BIAS_MODE, HAS_MASK)
-                s = tl.where(kj < NK, s, float("-inf"))
+                if BIAS_MODE == 1:
+                    s = _table_scores(q, tl.trans(k), qk_scale, scaled, window_mask, rows, kj, valid, NK, HAS_MASK)
+                else:
+                    s = _scores(q, tl.trans(k), qk_scale, bias, window_mask, rows, kj, valid, NK, BIAS_MODE, HAS_MASK)
+                    s = tl.where(kj < NK, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1, keep_dims=True))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.math.exp2(s - m_safe)
@@ -557,6 +592,8 @@ def _attention_bwd_dkdv_kernel(
     lse_ptr,
     delta_ptr,
     bias_ptr,
+    query_part_ptr,
+    key_part_ptr,
     attn_mask_ptr,
     dk_ptr,
     dv_ptr,
@@ -597,8 +634,9 @@ def _attention_bwd_dkdv_kernel(
     """dv = P^T @ dout and dk = scale * dS^T @ q for one key block, streaming over query blocks (in the transposed
     orientation: tiles are (BLOCK_N keys, BLOCK_M queries)).
 
-    Grid: (cdiv(NK, BLOCK_N), B * H). Pointers as in :func:`_attention_bwd_dq_kernel`; dk_ptr: (B, H, NK, D),
-    dv_ptr: (B, H, NK, DV), both contiguous.
+    Grid: (cdiv(NK, BLOCK_N), B * H). Pointers as in :func:`_attention_bwd_dq_kernel`, but a table (mode 1) in its
+    scaled form (bias_ptr, query_part_ptr, key_part_ptr from :func:`_table_args`); dk_ptr: (B, H, NK, D), dv_ptr:
+    (B, H, NK, DV), both contiguous.
     """
     pid_n = tl.program_id(0)
     pid_bh, b, h, q_ptr, k_ptr, v_ptr = _program_bases(
@@ -624,8 +662,14 @@ def _attention_bwd_dkdv_kernel(
         do = _load_tile(dout_ptr, q_rows[:, None], offs_dv[None, :], DV, 1, NQ, DV)
         lse2 = _safe_lse2(lse_ptr + pid_bh * NQ, q_rows, NQ)
         delta = tl.load(delta_ptr + pid_bh * NQ + q_rows, mask=q_rows < NQ, other=0.0)
-        s_t = _scores(k, q_t, qk_scale, bias, attn_mask_ptr, qi, keys, mask, NK, BIAS_MODE, HAS_MASK)
-        p_t = tl.where(mask, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+        if BIAS_MODE == 1:
+            # padding keys score -inf; padding queries have zero dout and delta, so their dS is 0
+            scaled = (bias_ptr, tl.load(query_part_ptr + qi), key_part_ptr)
+            s_t = _table_scores(k, q_t, qk_scale, scaled, attn_mask_ptr, qi, keys, mask, NK, HAS_MASK)
+            p_t = tl.math.exp2(s_t - lse2[None, :])
+        else:
+            s_t = _scores(k, q_t, qk_scale, bias, attn_mask_ptr, qi, keys, mask, NK, BIAS_MODE, HAS_MASK)
+            p_t = tl.where(mask, tl.math.exp2(s_t - lse2[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
         ds_t = p_t * (dp_t - delta[None, :])
@@ -813,6 +857,8 @@ def _attention_bwd_short_kernel(
     lse_ptr,
     delta_ptr,
     bias_ptr,
+    query_part_ptr,
+    key_part_ptr,
     attn_mask_ptr,
     dq_ptr,
     dk_ptr,
@@ -875,8 +921,9 @@ def _attention_bwd_short_kernel(
     block covers the keys (ONE_KEY_TILE), else read back and added per key block by the program that wrote it.
     DS_MODE 2 (dense bias): dS of each batch entry into ds_ptr (B, H, NQ, NK) through its strides. The window
     geometry (``Q_GRID_W``, ``K_GRID_W``, ``Q_STEP``, ``WIN_H``, as the runtime arguments of
-    :func:`_attention_fwd_kernel`) is compile-time here, so the bias index has no runtime division. Other pointers
-    as in :func:`_attention_bwd_dq_kernel` and :func:`_attention_bwd_dkdv_kernel`.
+    :func:`_attention_fwd_kernel`) is compile-time here, so the bias index has no runtime division; a table
+    (mode 1) is read in its scaled form (bias_ptr, query_part_ptr, key_part_ptr from :func:`_table_args`). Other
+    pointers as in :func:`_attention_bwd_dq_kernel` and :func:`_attention_bwd_dkdv_kernel`.
     """
     h = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
@@ -893,6 +940,8 @@ def _attention_bwd_short_kernel(
     qk_scale = scale * LOG2E
     ds_chunk = ds_ptr + chunk * stride_dsb + h * stride_dsh
     ds_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if BIAS_MODE == 1:
+        scaled = (bias_ptr + h * stride_biash, tl.load(query_part_ptr + rows), key_part_ptr)  # _table_scores
     for b in range(b_lo, b_hi):
         bh = b * H + h
         q_base, k_base, v_base = _head_bases(
@@ -915,8 +964,13 @@ def _attention_bwd_short_kernel(
             mask = (rows < NQ) & (kj < NK)
             k = _load_tile(k_base, keys, offs_d, stride_kn, stride_kd, NK, D)
             v = _load_tile(v_base, keys, offs_dv, stride_vn, stride_vd, NK, DV)
-            s = _scores(q, tl.trans(k), qk_scale, bias, window_mask, rows, kj, mask, NK, BIAS_MODE, HAS_MASK)
-            p = tl.where(mask, tl.math.exp2(s - lse2[:, None]), 0.0)
+            if BIAS_MODE == 1:
+                # padding keys score -inf; padding queries have zero dout and delta, so their dS is 0
+                s = _table_scores(q, tl.trans(k), qk_scale, scaled, window_mask, rows, kj, mask, NK, HAS_MASK)
+                p = tl.math.exp2(s - lse2[:, None])
+            else:
+                s = _scores(q, tl.trans(k), qk_scale, bias, window_mask, rows, kj, mask, NK, BIAS_MODE, HAS_MASK)
+                p = tl.where(mask, tl.math.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             if not SPLIT_Q:
@@ -1105,10 +1159,11 @@ def _one_key_tile(config: dict[str, int], nk: int) -> bool:
     return nk <= config["BLOCK_N"] == MIN_BLOCK and config["BLOCK_M"] == MIN_BLOCK
 
 
-def _short_chunks(batch: int, heads: int, nq: int, nk: int, table_grad: bool) -> tuple[int, int]:
-    """(chunks, batch entries per chunk) of :func:`_attention_bwd_short_kernel`: about TARGET_PROGRAMS programs,
-    and with a table gradient at most SHORT_DS_BYTES of dS partials."""
-    chunks = min(batch, triton.cdiv(TARGET_PROGRAMS, heads))
+def _short_chunks(batch: int, heads: int, q_blocks: int, nq: int, nk: int, table_grad: bool) -> tuple[int, int]:
+    """(chunks, batch entries per chunk) of the short kernels, whose programs are heads x q_blocks x chunks: about
+    TARGET_PROGRAMS programs, and with a table gradient at most SHORT_DS_BYTES of dS partials ((chunks, heads, nq,
+    nk) fp32)."""
+    chunks = min(batch, triton.cdiv(TARGET_PROGRAMS, heads * q_blocks))
     if table_grad:
         chunks = min(chunks, max(1, SHORT_DS_BYTES // (heads * nq * nk * 4)))
     per_chunk = triton.cdiv(batch, max(chunks, 1))
@@ -1253,21 +1308,27 @@ def _short_fwd(config, q, k, v, bias, mask, bias_mode, geometry, scale, out, lse
     batch, heads, nq, _ = q.shape
     nk = k.shape[2]
     q_blocks = triton.cdiv(nq, config["BLOCK_M"])
-    chunks, per_chunk = _short_chunks(batch, heads * q_blocks, nq, nk, False)
+    chunks, per_chunk = _short_chunks(batch, heads, q_blocks, nq, nk, False)
     geo = _geometry(bias_mode, geometry)
     mask_arg, num_windows = _mask_args(mask, q)
+    one_key_tile = nk <= config["BLOCK_N"]
+    bias_arg, query_parts, key_parts, bias_strides = q if bias is None else bias, q, q, _bias_strides(bias, bias_mode)
+    if bias_mode == BIAS_REL_POS and not one_key_tile:
+        bias_arg, query_parts, key_parts, bias_strides = _table_args(bias, geometry, nq, nk, config)
     _attention_fwd_short_kernel[(q_blocks, heads, chunks)](
         q,
         k,
         v,
-        q if bias is None else bias,
+        bias_arg,
+        query_parts,
+        key_parts,
         mask_arg,
         out,
         lse,
         *q.stride()[:3],
         *k.stride()[:3],
         *v.stride()[:3],
-        *_bias_strides(bias, bias_mode),
+        *bias_strides,
         batch,
         heads,
         nq,
@@ -1279,12 +1340,49 @@ def _short_fwd(config, q, k, v, bias, mask, bias_mode, geometry, scale, out, lse
         per_chunk,
         BIAS_MODE=bias_mode,
         HAS_MASK=mask is not None,
-        ONE_KEY_TILE=nk <= config["BLOCK_N"],
+        ONE_KEY_TILE=one_key_tile,
         **_geometry_constexprs(geo),
-        num_stages=NUM_STAGES,
+        num_stages=NUM_STAGES if one_key_tile else SHORT_FWD_STREAM_STAGES,
         maxnreg=MAX_REGISTERS,
         **config,
     )
+
+
+def _table_args(
+    table: torch.Tensor, geometry: list[int], nq: int, nk: int, config: dict[str, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
+    """A relative-position table ((entries, H), any strides and dtype) as :func:`_scaled_bias` reads it: (the
+    scaled table, query parts, key parts, the four bias strides of the kernels' arguments). The scaled table is
+    (H, 2 * entries) fp32, row h log2(e) * table[:, h] then entries times -inf: the product the kernels form from
+    the stored table (fp32, log2(e) rounded to fp32). The parts are int32 vectors padded to whole blocks
+    (:func:`_table_parts`)."""
+    entries, heads = table.shape
+    scaled = torch.full((heads, 2 * entries), float("-inf"), dtype=torch.float32, device=table.device)
+    scaled[:, :entries] = table.t().float() * _LOG2E_FP32  # a 0-dim CPU tensor: a scalar, no copy to the device
+    query_parts, key_parts = _table_parts(tuple(geometry), nq, nk, config["BLOCK_M"], config["BLOCK_N"], table.device)
+    return scaled, query_parts, key_parts, (0, scaled.stride(0), 1, 0)
+
+
+@functools.lru_cache(maxsize=32)
+def _table_parts(
+    geometry: tuple[int, int], nq: int, nk: int, block_m: int, block_n: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two parts of a relative-position table index on a (Wh, Ww) window, int32: token i at (yi, xi) has
+    query part (yi + Wh - 1) * (2Ww - 1) + xi + Ww - 1 and key part yi * (2Ww - 1) + xi, and the table entry of
+    query i and key j is query part(i) - key part(j) (:func:`_bias_stored`'s index). The query parts are padded to
+    a whole number of block_m queries with the last query's (padding rows read real entries and are never stored),
+    the key parts to whole blocks of block_n keys with -entries: query part minus that lies in the scaled table's
+    -inf half (:func:`_table_args`)."""
+    wh, ww = geometry
+    row = 2 * ww - 1
+    tokens = torch.arange(max(nq, nk))
+    y, x = tokens // ww, tokens % ww
+    query = torch.full((triton.cdiv(nq, block_m) * block_m,), 0, dtype=torch.int32)
+    query[:nq] = (y[:nq] + wh - 1) * row + x[:nq] + ww - 1
+    query[nq:] = query[nq - 1]
+    key = torch.full((triton.cdiv(nk, block_n) * block_n,), -row * (2 * wh - 1), dtype=torch.int32)
+    key[:nk] = y[:nk] * row + x[:nk]
+    return query.to(device), key.to(device)
 
 
 def attention_bwd(
@@ -1377,6 +1475,10 @@ def _dkdv_bwd(tensors, bias_mode, geometry, scale, grads, delta) -> None:
     nk, dv_dim = k.shape[2], v.shape[3]
     bias_arg, mask_arg, strides, sizes, options = _shared_args(q, k, v, bias, mask, bias_mode, geometry, scale)
     config = _dkdv_config(nq, nk, d, dv_dim, q.dtype)
+    query_parts = key_parts = q
+    if bias_mode == BIAS_REL_POS:
+        bias_arg, query_parts, key_parts, bias_strides = _table_args(bias, geometry, nq, nk, config)
+        strides = (*strides[:12], *bias_strides)
     _attention_bwd_dkdv_kernel[(triton.cdiv(nk, config["BLOCK_N"]), batch * heads)](
         dout,
         q,
@@ -1385,6 +1487,8 @@ def _dkdv_bwd(tensors, bias_mode, geometry, scale, grads, delta) -> None:
         lse,
         delta,
         bias_arg,
+        query_parts,
+        key_parts,
         mask_arg,
         dk,
         dv,
@@ -1405,7 +1509,7 @@ def _short_bwd(config, tensors, bias_mode, geometry, scale, bias_grad, grads, ds
     nk = k.shape[2]
     table_grad = bias_grad and bias_mode in (BIAS_REL_POS, BIAS_LEVIT)
     q_blocks = triton.cdiv(nq, config["BLOCK_M"])
-    chunks, per_chunk = _short_chunks(batch, heads * q_blocks, nq, nk, table_grad)
+    chunks, per_chunk = _short_chunks(batch, heads, q_blocks, nq, nk, table_grad)
     split = config["SPLIT_Q"]
     delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device) if split else lse
     if table_grad:
@@ -1418,6 +1522,9 @@ def _short_bwd(config, tensors, bias_mode, geometry, scale, bias_grad, grads, ds
     geo = _geometry(bias_mode, geometry)
     mask_arg, num_windows = _mask_args(mask, q)
     config = dict(config)
+    bias_arg, query_parts, key_parts, bias_strides = q if bias is None else bias, q, q, _bias_strides(bias, bias_mode)
+    if bias_mode == BIAS_REL_POS:
+        bias_arg, query_parts, key_parts, bias_strides = _table_args(bias, geometry, nq, nk, config)
     _attention_bwd_short_kernel[(heads, chunks, q_blocks)](
         dout,
         q,
@@ -1426,7 +1533,9 @@ def _short_bwd(config, tensors, bias_mode, geometry, scale, bias_grad, grads, ds
         out,
         lse,
         delta,
-        q if bias is None else bias,
+        bias_arg,
+        query_parts,
+        key_parts,
         mask_arg,
         dq,
         dk,
@@ -1435,7 +1544,7 @@ def _short_bwd(config, tensors, bias_mode, geometry, scale, bias_grad, grads, ds
         *q.stride(),
         *k.stride(),
         *v.stride(),
-        *_bias_strides(bias, bias_mode),
+        *bias_strides,
         *(ds.stride() if ds_mode else (0, 0, 0, 0)),
         batch,
         heads,
@@ -1576,6 +1685,11 @@ def _signature(fn, dtype_name: str, constexprs: dict) -> dict[str, str]:
     return signature
 
 
+def _scaled_signature(spec: KernelSpec) -> None:
+    """A spec's pointer types where its kernel reads a table in the scaled form (:func:`_table_args`)."""
+    spec.signature.update(bias_ptr="*fp32", query_part_ptr="*i32", key_part_ptr="*i32")
+
+
 def _spec(name, fn, dtype, constexprs, num_warps, num_stages=NUM_STAGES):
     dtype_name = TRITON_DTYPES[dtype]
     return KernelSpec(
@@ -1643,6 +1757,8 @@ def _short_specs(dtype: torch.dtype, block: int, mode: int, has_mask: bool, tag:
                 warps,
             )
             spec.signature["ds_ptr"] = f"*{ds_dtype}"
+            if mode == BIAS_REL_POS:
+                _scaled_signature(spec)
             specs.append(spec)
     return specs
 
@@ -1669,7 +1785,10 @@ def _short_fwd_specs(dtype: torch.dtype, block: int, mode: int, has_mask: bool, 
             **config,
         }
         name = f"attention_fwd_short_{tag}_m{config['BLOCK_M']}n{config['BLOCK_N']}{'_one' if one_tile else ''}"
-        spec = _spec(name, _attention_fwd_short_kernel, dtype, constexprs, warps)
+        stages = NUM_STAGES if one_tile else SHORT_FWD_STREAM_STAGES
+        spec = _spec(name, _attention_fwd_short_kernel, dtype, constexprs, warps, stages)
+        if mode == BIAS_REL_POS and not one_tile:
+            _scaled_signature(spec)
         specs.append(dataclasses.replace(spec, aligned=SHORT_FWD_ALIGNED))
     return specs
 
@@ -1713,15 +1832,16 @@ def report_specs() -> list[KernelSpec]:
                 )
             for config in _configs(_dkdv_config, block, dtype):
                 warps = config.pop("num_warps")
-                specs.append(
-                    _spec(
-                        f"attention_bwd_dkdv_{tag}_m{config['BLOCK_M']}n{config['BLOCK_N']}",
-                        _attention_bwd_dkdv_kernel,
-                        dtype,
-                        {**switches, **config},
-                        warps,
-                    )
+                spec = _spec(
+                    f"attention_bwd_dkdv_{tag}_m{config['BLOCK_M']}n{config['BLOCK_N']}",
+                    _attention_bwd_dkdv_kernel,
+                    dtype,
+                    {**switches, **config},
+                    warps,
                 )
+                if mode == BIAS_REL_POS:
+                    _scaled_signature(spec)
+                specs.append(spec)
             for config in _configs(_bwd_config, block, dtype):
                 warps = config.pop("num_warps")
                 for bias_grad in (False, True) if mode == BIAS_DENSE else (False,):

@@ -65,12 +65,12 @@ def _half(*tensors):
 
 
 REL_POS_CASES = [
-    # (batch, heads, window, head dim, target programs): chunks = min(batch, cdiv(target, heads))
+    # (batch, heads, window, head dim, target programs): chunks = min(batch, cdiv(target, heads x query blocks))
     (5, 2, (7, 7), 32, 2),  # one chunk of 5 entries, 49 keys in 16-key blocks
     (4, 2, (2, 3), 16, 4),  # two chunks of 2 entries, one 16 x 16 tile: the sum in registers
     (3, 1, (8, 8), 16, 1),  # one chunk of 3 entries, 64 keys in 16-key blocks: read back per block
     (2, 2, (1, 16), 32, 1024),  # one entry per chunk
-    (3, 2, (9, 9), 16, 4),  # split queries: two 64-row blocks of 81, two chunks, the sum read back per key block
+    (3, 2, (9, 9), 16, 8),  # split queries: two 64-row blocks of 81, two chunks, the sum read back per key block
     (2, 1, (10, 13), 32, 1024),  # split queries: 130 queries in three blocks, three key blocks, one entry per chunk
     (3, 2, (4, 5), 64, 2),  # head dim 64: split queries in 16-row blocks, 16-key blocks
 ]
@@ -256,3 +256,33 @@ def test_split_queries_take_the_dkdv_kernel_once(monkeypatch):
         with vitkern.backend("triton"):
             _grads(vitkern.ops.biased_attention, [q, k, v], torch.randn(2, 1, tokens, 16).half())
         assert launches == want, tokens
+
+
+@pytest.mark.parametrize("window, block_m, block_n", [((14, 14), 64, 32), ((6, 11), 16, 64), ((3, 5), 16, 16)])
+def test_table_parts_index_the_scaled_table(window, block_m, block_n):
+    """The scaled table the kernels read past one key block (``_table_args``): at query part - key part it holds
+    log2(e) times the reference's dense bias for every query and key, -inf for the padding keys, and a real entry
+    for the padding queries; every index lies inside the table."""
+    heads, tokens = 3, window[0] * window[1]
+    entries = (2 * window[0] - 1) * (2 * window[1] - 1)
+    table = torch.randn(heads, entries).t()  # (entries, heads), not contiguous
+    config = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    scaled, query, key, strides = kernels._table_args(table, list(window), tokens, tokens, config)
+    assert scaled.shape == (heads, 2 * entries) and strides == (0, 2 * entries, 1, 0)
+    assert query.numel() % block_m == 0 and key.numel() % block_n == 0 and query.numel() >= tokens <= key.numel()
+    index = query[:, None].long() - key[None, :].long()
+    assert ((index >= 0) & (index < 2 * entries)).all()
+    gathered = scaled[:, index]
+    expected = reference.rel_pos_bias(table, window) * torch.tensor(1.4426950408889634, dtype=torch.float32)
+    assert torch.equal(gathered[:, :tokens, :tokens], expected)
+    assert torch.isneginf(gathered[:, :, tokens:]).all()
+    assert torch.isfinite(gathered[:, tokens:, :tokens]).all()
+
+
+def test_short_chunks_bound_the_partials_by_heads():
+    """CoAtNet-0 stage 3 (64 images, 12 heads, 196 tokens in 4 query blocks): SHORT_DS_BYTES holds 18 chunks of
+    (12, 196, 196) fp32 partials, so 16 chunks of 4 images; without a table gradient about TARGET_PROGRAMS
+    programs over 12 heads x 4 query blocks: cdiv(1024, 48) = 22 chunks of 3 images."""
+    assert kernels.SHORT_DS_BYTES // (12 * 196 * 196 * 4) == 18
+    assert kernels._short_chunks(64, 12, 4, 196, 196, True) == (16, 4)
+    assert kernels._short_chunks(64, 12, 4, 196, 196, False) == (22, 3)

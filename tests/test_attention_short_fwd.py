@@ -64,6 +64,7 @@ def _half(*shape):
         (4, 1, (2, 3), 16, 1024),  # 6 tokens in a 16 x 16 tile, one entry per chunk
         (3, 2, (8, 8), 16, 2),  # 64 keys in one block
         (2, 2, (9, 9), 64, 4),  # head dim 64, 81 keys streamed
+        (3, 2, (6, 12), 32, 2),  # a 6 x 12 window: 72 keys streamed, the table's rows and columns differ
     ],
 )
 def test_rel_pos(monkeypatch, batch, heads, window, d, target):
